@@ -13,9 +13,7 @@ import sys
 
 from anatomask_lab import __version__
 
-COMMAND_MODULES: tuple[str, ...] = (
-    "anatomask_lab.demo",
-)
+COMMAND_MODULES: tuple[str, ...] = ("anatomask_lab.demo",)
 
 
 def build_parser() -> argparse.ArgumentParser:

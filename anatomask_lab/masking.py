@@ -91,12 +91,27 @@ def _grid_tuple(grid: Sequence[int] | torch.Size) -> tuple[int, ...]:
 # ----------------------------------------------------------------------------------------------------------------
 # masks
 # ----------------------------------------------------------------------------------------------------------------
-def _rank(key_bn: torch.Tensor) -> torch.Tensor:
-    """Rank of every entry along dim 1 in descending order of ``key_bn`` (0 = largest). Shape ``[B, N]``."""
-    order_bn = torch.argsort(key_bn, dim=1, descending=True, stable=True)
-    rank_bn = torch.empty_like(order_bn)
-    arange_bn = torch.arange(key_bn.shape[1], device=key_bn.device).expand_as(order_bn)
-    return rank_bn.scatter_(1, order_bn, arange_bn)
+_UNSCORED = -(2**62)  # composite key of a patch that must never be chosen by loss
+
+
+def _select(score_bn: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool ``[B, N]``: the ``k`` largest entries of each row of ``score_bn``."""
+    idx_bk = score_bn.topk(k, dim=1, sorted=False).indices
+    return torch.zeros(score_bn.shape, dtype=torch.bool, device=score_bn.device).scatter_(1, idx_bk, True)
+
+
+def _tiebroken_key(loss_bn: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Exact, order-preserving int64 key of float32 losses with a random low word that breaks ties.
+
+    The float's bit pattern, with the magnitude bits of negative numbers flipped, sorts like the float itself; it
+    fills the high 33 bits and 31 random bits fill the rest, so equal losses are ordered at random and distinct
+    losses keep their order exactly. NaN and -inf get the lowest key (never chosen).
+    """
+    bits_bn = loss_bn.view(torch.int32).long()
+    ordered_bn = torch.where(bits_bn < 0, bits_bn ^ 0x7FFFFFFF, bits_bn)
+    noise_bn = torch.randint(0, 2**31, loss_bn.shape, generator=generator, device=loss_bn.device)
+    key_bn = (ordered_bn << 31) | noise_bn
+    return key_bn.masked_fill_(torch.isnan(loss_bn) | torch.isneginf(loss_bn), _UNSCORED)
 
 
 def random_mask(
@@ -127,8 +142,7 @@ def random_mask(
     if device is None:
         device = generator.device if generator is not None else torch.device("cpu")
     noise_bn = torch.rand(batch_size, n, generator=generator, device=device)
-    mask_bn = _rank(noise_bn) < n_masked
-    return mask_bn.view(batch_size, *grid)
+    return _select(noise_bn, n_masked).view(batch_size, *grid)
 
 
 def anatomask_mask(
@@ -162,7 +176,9 @@ def anatomask_mask(
     if not patch_loss.is_floating_point():
         raise ValueError(f"patch_loss must be a floating-point tensor, got dtype {patch_loss.dtype}")
     if patch_loss.dim() < 2 or patch_loss.numel() == 0:
-        raise ValueError(f"patch_loss must have shape [B, *grid] with a non-empty grid, got {tuple(patch_loss.shape)}")
+        raise ValueError(
+            f"patch_loss must have shape [B, *grid] with a non-empty grid, got {tuple(patch_loss.shape)}"
+        )
     if order not in ("high", "low"):
         raise ValueError(f"order must be 'high' or 'low', got {order!r}")
     b, grid = patch_loss.shape[0], patch_loss.shape[1:]
@@ -171,21 +187,18 @@ def anatomask_mask(
     device = patch_loss.device
 
     loss_bn = patch_loss.detach().reshape(b, n).float()
-    scored_bn = ~(torch.isnan(loss_bn) | torch.isneginf(loss_bn))
-    key_bn = loss_bn if order == "high" else -loss_bn
-    key_bn = torch.where(scored_bn, key_bn, torch.full_like(key_bn, -math.inf))
+    if order == "low":
+        loss_bn = -loss_bn
+        loss_bn = loss_bn.masked_fill_(torch.isposinf(loss_bn), math.nan)  # -inf was "unscored": keep it so
+    top_bn = torch.zeros(b, n, dtype=torch.bool, device=device)
+    if n_top > 0:
+        key_bk, idx_bk = _tiebroken_key(loss_bn, generator).topk(n_top, dim=1, sorted=False)
+        top_bn.scatter_(1, idx_bk, key_bk > _UNSCORED)
 
-    # random tie-breaking: visit the patches in a random order, then sort stably by loss
-    perm_bn = _rank(torch.rand(b, n, generator=generator, device=device))
-    key_perm_bn = torch.empty_like(key_bn).scatter_(1, perm_bn, key_bn)
-    top_perm_bn = _rank(key_perm_bn) < n_top
-    top_bn = torch.gather(top_perm_bn, 1, perm_bn) & scored_bn
-
-    # uniform fill of the remaining count among the non-top patches
-    n_fill_b1 = n_masked - top_bn.sum(dim=1, keepdim=True)
-    noise_bn = torch.rand(b, n, generator=generator, device=device).masked_fill_(top_bn, -1.0)
-    fill_bn = _rank(noise_bn) < n_fill_b1
-    return (top_bn | fill_bn).view_as(patch_loss)
+    # uniform random fill: the top patches score 2, all others U[0, 1); the n_masked best are the mask. A sample
+    # with fewer scored patches than n_top simply gets a larger random part.
+    score_bn = torch.rand(b, n, generator=generator, device=device).masked_fill_(top_bn, 2.0)
+    return _select(score_bn, n_masked).view_as(patch_loss)
 
 
 def anatomical_ratio(epoch: float, total_epochs: float, r0: float = 0.0, rT: float = 0.5) -> float:
@@ -284,7 +297,9 @@ def patch_loss(
         eps: variance floor of the normalisation.
     """
     if pred_bc.shape != target_bc.shape:
-        raise ValueError(f"prediction {tuple(pred_bc.shape)} and target {tuple(target_bc.shape)} differ in shape")
+        raise ValueError(
+            f"prediction {tuple(pred_bc.shape)} and target {tuple(target_bc.shape)} differ in shape"
+        )
     pred_bgp = patchify(pred_bc, patch_size).float()
     target_bgp = patchify(target_bc, patch_size).float()
     if normalize:
