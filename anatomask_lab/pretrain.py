@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +100,39 @@ def mim_step(
     recon = student(x_bcdhw, s_mask_bg)
     loss, _ = mim_loss(recon, x_bcdhw, s_mask_bg)
     return StepResult(loss, s_mask_bg, t_loss, t_mask_bg, t_patch_bg)
+
+
+def train_step(
+    model: nn.Module,
+    student: nn.Module,
+    teacher: nn.Module | None,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    x_bcdhw: torch.Tensor,
+    *,
+    cfg: PretrainConfig,
+    r_t: float,
+    m: float | None,
+    generator: torch.Generator,
+    amp_dtype: torch.dtype | None = None,
+) -> StepResult:
+    """One optimisation step: masks, forward, backward, clipped optimiser step, then the teacher's EMA update.
+
+    ``model`` is the student or its DDP wrapper; ``m=None`` leaves the teacher as it is (SparK, frozen teacher).
+    """
+    device_type = x_bcdhw.device.type
+    with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        res = mim_step(model, teacher, x_bcdhw, gamma=cfg.masking.gamma, r_t=r_t, generator=generator,
+                       order=cfg.masking.order, normalize_ranking=cfg.masking.normalize_ranking)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(res.loss).backward()
+    scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    if m is not None and teacher is not None:
+        update_momentum(student, teacher, m)
+    return res
 
 
 def _grid(x_bcdhw: torch.Tensor) -> tuple[int, ...]:
@@ -205,7 +238,9 @@ def run(cfg: PretrainConfig | None = None, *, resume: bool = False, **overrides:
     state = None
     if resume:
         state = load_checkpoint(ckpt_path)
-        cfg = config_from_dict(state["config"])
+        cfg = replace(config_from_dict(state["config"]), out_dir=str(out))
+        if state["epoch"] >= cfg.epochs:
+            return out
     elif cfg is None:
         cfg = pretrain_config(**overrides)
 
@@ -286,26 +321,9 @@ def _train(cfg, state, out: Path, device, rank: int, world: int, is_main: bool) 
             lr = warmup_cosine_lr(step, total_steps, cfg.warmup_epochs * iters, cfg.lr, cfg.warmup_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                res = mim_step(
-                    model,
-                    teacher,
-                    x,
-                    gamma=cfg.masking.gamma,
-                    r_t=r_t,
-                    generator=generator,
-                    order=cfg.masking.order,
-                    normalize_ranking=cfg.masking.normalize_ranking,
-                )
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(res.loss).backward()
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
             m = momentum_at(progress, cfg.momentum0, cfg.momentum1, cfg.momentum_warmup)
-            if ema:
-                update_momentum(student, teacher, m)
+            res = train_step(model, student, teacher, optimizer, scaler, x, cfg=cfg, r_t=r_t, m=m if ema else None,
+                             generator=generator, amp_dtype=amp_dtype)
             step += 1
             n_log += x.shape[0]
             loss_d = res.loss.detach().float()
@@ -398,3 +416,61 @@ def _assert_teacher_consistent(teacher: nn.Module) -> None:
     dist.all_gather_object(gathered, checksum)
     if not all(torch.equal(g, gathered[0]) for g in gathered):
         raise RuntimeError(f"teachers diverged across ranks: {[float(g) for g in gathered]}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# command line
+# ----------------------------------------------------------------------------------------------------------------
+def add_cli(subparsers) -> None:
+    from anatomask_lab.config import ABLATIONS, PRESETS
+
+    p = subparsers.add_parser(
+        "pretrain", help="pretrain a sparse STU-Net encoder with AnatoMask or SparK",
+        description="Pretrain with AnatoMask (EMA teacher, reconstruction-guided masks) or SparK (random masks). "
+        "Multi-GPU: torchrun --nproc_per_node N -m anatomask_lab.cli pretrain ...",
+    )
+    p.add_argument("--preset", choices=sorted(PRESETS), default="B")
+    p.add_argument("--method", choices=["anatomask", "spark"])
+    p.add_argument("--ablation", choices=sorted(ABLATIONS), default="none")
+    p.add_argument("--data", dest="data_dir", help="preprocessed dataset folder")
+    p.add_argument("--out", dest="out_dir", required=True, help="run folder")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--iters-per-epoch", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--patch-size", type=int, nargs=3)
+    p.add_argument("--gamma", type=float)
+    p.add_argument("--r0", type=float)
+    p.add_argument("--rT", type=float)
+    p.add_argument("--order", choices=["high", "low"])
+    p.add_argument("--per-iteration", action="store_true", default=None, help="advance r_t every iteration")
+    p.add_argument("--raw-ranking", dest="normalize_ranking", action="store_false", default=None,
+                   help="rank patches by the loss against raw intensities (the authors' code)")
+    p.add_argument("--teacher", choices=["ema", "frozen"])
+    p.add_argument("--backend", choices=["masked", "spconv"])
+    p.add_argument("--decoder", choices=["hierarchical", "simple"])
+    p.add_argument("--lr", type=float)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--warmup-epochs", type=int)
+    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "fp32"])
+    p.add_argument("--device")
+    p.add_argument("--workers", type=int)
+    p.add_argument("--ckpt-every", type=int)
+    p.add_argument("--log-every", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--quiet", action="store_true", default=None)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.set_defaults(func=_cli)
+
+
+def _cli(args) -> int:
+    if args.resume:
+        out = run(resume=True, out_dir=args.out_dir)
+    else:
+        params = {k: v for k, v in vars(args).items() if k not in ("func", "command", "preset", "ablation", "resume")}
+        if params.get("patch_size") is not None:
+            params["patch_size"] = tuple(params["patch_size"])
+        cfg = pretrain_config(args.preset, args.ablation, **params)
+        out = run(cfg)
+    if _dist_info()[0] == 0:
+        print(f"run folder: {out}")
+    return 0

@@ -1,0 +1,201 @@
+"""NIfTI reading and writing, input checks, and atomic file writes.
+
+Every problem with an input file raises :class:`DataError` (a ``ValueError``) whose message starts with the path.
+Writes go to a temporary name beside the target and are renamed into place, so an interrupted run never leaves
+a half-written file under the final name.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+__all__ = [
+    "DataError",
+    "atomic_dir",
+    "atomic_write",
+    "atomic_write_json",
+    "atomic_write_npy",
+    "check_same_grid",
+    "load_nifti",
+    "nifti_spacing",
+    "save_nifti",
+]
+
+
+class DataError(ValueError):
+    """A data file or folder is unusable; the message names the path and the problem."""
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Write a file under a temporary name, then rename it to ``path``.
+
+    Args:
+        path: final file name; its folder is created.
+        write: called with the temporary path; must create that file.
+
+    Returns:
+        The final path.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def atomic_write_json(path: str | os.PathLike, obj) -> Path:
+    """Write ``obj`` as indented JSON, atomically."""
+    text = json.dumps(obj, indent=1, sort_keys=False) + "\n"
+    return atomic_write(path, lambda p: p.write_text(text))
+
+
+def atomic_write_npy(path: str | os.PathLike, array: np.ndarray) -> Path:
+    """Write ``array`` as ``.npy`` (memory-mappable), atomically."""
+
+    def _write(p: Path) -> None:
+        with open(p, "wb") as f:
+            np.save(f, np.ascontiguousarray(array), allow_pickle=False)
+
+    return atomic_write(path, _write)
+
+
+def atomic_dir(final: Path, fill: Callable[[Path], None]) -> Path:
+    """Fill a temporary folder beside ``final``, then rename it to ``final`` (which must not exist)."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        fill(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def nifti_spacing(affine: np.ndarray) -> np.ndarray:
+    """Voxel spacing (mm) along the three array axes: the column norms of the affine's 3x3 part."""
+    return np.sqrt((np.asarray(affine, dtype=np.float64)[:3, :3] ** 2).sum(axis=0))
+
+
+def load_nifti(
+    path: str | os.PathLike,
+    *,
+    canonical: bool = True,
+    dtype=np.float32,
+    check_finite: bool = True,
+) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Image]:
+    """Read a 3D NIfTI image.
+
+    Args:
+        path: ``.nii`` or ``.nii.gz`` file.
+        canonical: reorient to the closest canonical (RAS+) orientation, so that world x (patient right),
+            y (anterior) and z (superior) increase with array axes 0, 1 and 2.
+        dtype: dtype of the returned array (``None`` keeps the stored type).
+        check_finite: raise on NaN or infinite voxels.
+
+    Returns:
+        ``(array [X, Y, Z], affine [4, 4], header image)``; the image is the file as stored (before reorienting),
+        so its ``affine`` and ``shape`` give the original geometry.
+
+    Raises:
+        DataError: missing, not NIfTI, truncated, not 3D (a trailing singleton 4th axis is dropped), or not finite.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        img = nib.load(str(path))
+    except Exception as exc:  # nibabel raises several types for junk files
+        raise DataError(f"{path}: not a readable NIfTI file ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
+        raise DataError(f"{path}: not a NIfTI image (read as {type(img).__name__})")
+    shape = img.shape
+    if len(shape) == 4 and shape[3] == 1:
+        img = img.slicer[..., 0]
+    elif len(shape) != 3:
+        raise DataError(f"{path}: expected a 3D image, found {len(shape)}D with shape {tuple(shape)}")
+    original = img
+    if canonical:
+        img = nib.as_closest_canonical(img)
+    try:
+        data = np.asanyarray(img.dataobj)
+    except Exception as exc:  # EOFError, zlib.error, OSError for truncated files
+        raise DataError(f"{path}: truncated or corrupt data ({type(exc).__name__}: {exc})") from exc
+    if dtype is not None:
+        data = data.astype(dtype, copy=False)
+    if check_finite and data.dtype.kind == "f" and not np.isfinite(data).all():
+        n_bad = int((~np.isfinite(data)).sum())
+        raise DataError(f"{path}: {n_bad} NaN or infinite voxels")
+    return data, np.asarray(img.affine, dtype=np.float64), original
+
+
+def check_same_grid(
+    shape_a: tuple[int, ...], affine_a: np.ndarray, path_a: Path, shape_b: tuple[int, ...], affine_b: np.ndarray,
+    path_b: Path, *, atol: float = 1e-3,
+) -> None:
+    """Raise :class:`DataError` unless two images share shape and affine (within ``atol`` mm)."""
+    if tuple(shape_a) != tuple(shape_b):
+        raise DataError(f"{path_b}: shape {tuple(shape_b)} differs from {path_a} shape {tuple(shape_a)}")
+    if not np.allclose(affine_a, affine_b, atol=atol, rtol=0):
+        raise DataError(
+            f"{path_b}: affine differs from {path_a}\n{np.round(affine_b, 4)}\nvs\n{np.round(affine_a, 4)}"
+        )
+
+
+def save_nifti(
+    path: str | os.PathLike,
+    array: np.ndarray,
+    affine: np.ndarray,
+    *,
+    dtype=None,
+    compresslevel: int = 1,
+) -> Path:
+    """Write a NIfTI file atomically; ``.nii.gz`` is gzip-compressed at ``compresslevel`` (1 = fast).
+
+    Args:
+        path: target ``.nii`` or ``.nii.gz``.
+        array: [X, Y, Z] voxel data.
+        affine: [4, 4] voxel-to-world (RAS mm) matrix; written as both qform and sform (code 1, scanner).
+        dtype: on-disk dtype (default: the array's).
+        compresslevel: gzip level for ``.nii.gz``.
+    """
+    path = Path(path)
+    data = np.asarray(array) if dtype is None else np.asarray(array).astype(dtype, copy=False)
+    img = nib.Nifti1Image(data, np.asarray(affine, dtype=np.float64))
+    img.header.set_qform(img.affine, code=1)
+    img.header.set_sform(img.affine, code=1)
+    img.header.set_xyzt_units("mm", "sec")
+    img.header["scl_slope"] = 1.0
+    img.header["scl_inter"] = 0.0
+    raw = img.to_bytes()
+
+    def _write(p: Path) -> None:
+        if path.name.endswith(".gz"):
+            with open(p, "wb") as f, gzip.GzipFile(filename="", mode="wb", fileobj=f, compresslevel=compresslevel,
+                                                   mtime=0) as gz:
+                gz.write(raw)
+        else:
+            p.write_bytes(raw)
+
+    return atomic_write(path, _write)

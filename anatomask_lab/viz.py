@@ -1,0 +1,115 @@
+"""Plotly figures used by the notebooks and the report: slices with mask and loss overlays, training curves."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import plotly.graph_objects as go
+import torch
+from plotly.subplots import make_subplots
+
+__all__ = [
+    "crop_to_multiple",
+    "loss_curves",
+    "mask_overlay_traces",
+    "mean_intensity_patch_loss",
+    "organ_patches",
+    "label_map",
+    "slice_of",
+    "slice_figure",
+]
+
+
+def label_map(labels: dict[str, np.ndarray]) -> np.ndarray:
+    """Merge per-structure bool masks into one uint8 map (1..K in the dict's order, 0 = background)."""
+    out = None
+    for k, mask in enumerate(labels.values(), start=1):
+        out = np.zeros(mask.shape, np.uint8) if out is None else out
+        out[np.asarray(mask, bool)] = k
+    if out is None:
+        raise ValueError("no structures given")
+    return out
+
+
+def crop_to_multiple(volume: np.ndarray, patch: int = 16) -> np.ndarray:
+    """Centre-crop the last three axes to multiples of ``patch`` (the mask grid must tile the volume)."""
+    spatial = volume.shape[-3:]
+    keep = [s - s % patch for s in spatial]
+    if min(keep) == 0:
+        raise ValueError(f"volume {spatial} is smaller than one {patch}-voxel patch along some axis")
+    start = [(s - k) // 2 for s, k in zip(spatial, keep, strict=True)]
+    sl = tuple(slice(a, a + k) for a, k in zip(start, keep, strict=True))
+    return volume[(..., *sl)]
+
+
+def slice_of(volume: np.ndarray, axis: int, index: int) -> np.ndarray:
+    """2D slice of a stored ``[X, Y, Z]`` volume along ``axis``, oriented for display.
+
+    Axial (axis 2): rows = y (anterior at the top of the array as stored), columns = x. Coronal and sagittal
+    slices put z (superior) at the top.
+    """
+    img = np.take(volume, index, axis=axis).T
+    return img if axis == 2 else img[::-1]
+
+
+def mean_intensity_patch_loss(volume_dhw: np.ndarray, patch: int = 16) -> np.ndarray:
+    """Per-patch loss ``[*grid]`` of a predictor that only knows each patch's mean intensity (= patch variance).
+
+    A model-free stand-in for a teacher's ranking: textured anatomy scores high, air and fat score low.
+    """
+    from anatomask_lab.masking import patch_mean
+
+    x = torch.as_tensor(np.ascontiguousarray(volume_dhw), dtype=torch.float32)[None, None]
+    mean = patch_mean(x, patch)
+    sq = patch_mean(x * x, patch)
+    return (sq - mean * mean).clamp_min(0)[0].numpy()
+
+
+def organ_patches(labels_dhw: np.ndarray, patch: int = 16) -> np.ndarray:
+    """Bool ``[*grid]``: patches that contain at least one labelled (organ) voxel."""
+    from anatomask_lab.masking import patch_mean
+
+    fg = torch.as_tensor(np.ascontiguousarray(labels_dhw) > 0, dtype=torch.float32)[None, None]
+    return (patch_mean(fg, patch)[0] > 0).numpy()
+
+
+_CLEAR, _RED = "rgba(0,0,0,0)", "rgba(230,40,40,0.45)"
+_MASK_COLORS = [[0, _CLEAR], [0.5, _CLEAR], [0.5, _RED], [1, _RED]]
+
+
+def mask_overlay_traces(image_2d: np.ndarray, mask_2d: np.ndarray, *, zmin: float, zmax: float) -> list:
+    """A grey image trace and a red trace that is translucent on masked pixels (value 1), invisible elsewhere (0)."""
+    overlay = np.asarray(mask_2d, dtype=np.float32)
+    return [
+        go.Heatmap(z=image_2d, colorscale="gray", zmin=zmin, zmax=zmax, showscale=False, name="image"),
+        go.Heatmap(z=overlay, colorscale=_MASK_COLORS,
+                   showscale=False, zmin=0, zmax=1, name="masked", hoverinfo="skip"),
+    ]
+
+
+def slice_figure(
+    panels: Sequence[tuple[str, np.ndarray, np.ndarray | None]], *, zmin: float, zmax: float, height: int = 360
+) -> go.Figure:
+    """Side-by-side slices, each ``(title, image_2d, mask_2d or None)``; masks drawn as a red overlay."""
+    fig = make_subplots(rows=1, cols=len(panels), subplot_titles=[p[0] for p in panels])
+    for col, (_, image, mask) in enumerate(panels, start=1):
+        traces = mask_overlay_traces(image, mask if mask is not None else np.zeros_like(image, bool),
+                                     zmin=zmin, zmax=zmax)
+        for trace in traces:
+            fig.add_trace(trace, row=1, col=col)
+        fig.update_yaxes(autorange="reversed", scaleanchor=f"x{col if col > 1 else ''}", row=1, col=col)
+    fig.update_layout(height=height, margin=dict(l=10, r=10, t=40, b=10))
+    return fig
+
+
+def loss_curves(runs: dict[str, list[dict]], key: str = "loss", x: str = "epoch", title: str = "") -> go.Figure:
+    """Line plot of ``key`` against ``x`` for several runs' metric records."""
+    fig = go.Figure()
+    for name, records in runs.items():
+        pts = [(r[x], r[key]) for r in records if r.get(key) is not None]
+        if pts:
+            xs, ys = zip(*pts, strict=True)
+            fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines+markers", name=name))
+    fig.update_layout(title=title, xaxis_title=x, yaxis_title=key, height=360)
+    return fig
