@@ -36,5 +36,12 @@ lab: $(STAMP)
 bench: $(STAMP)
 	for f in bench/bench_*.py; do $(BIN)/python $$f || exit 1; done
 
+# Opt-in: notebook 01 in a real JupyterLab, driven in Debian's headless chromium through Playwright (no browser
+# download). The playwright pin must match pyproject.toml's dev extras.
+test-browser: $(STAMP)
+	bash scripts/ensure_chromium.sh
+	$(BIN)/python -c "import playwright" 2>/dev/null || $(BIN)/python -m pip install --quiet "playwright==1.65.2"
+	ANATOMASK_BROWSER=1 $(BIN)/python -m pytest tests/browser -m browser -v -rP
+
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache .ruff_cache

@@ -20,10 +20,11 @@ __all__ = ["SelfDistillationTrace", "average_patch_loss", "organ_share", "roc_au
 
 @torch.no_grad()
 def average_patch_loss(model: nn.Module, x_bcdhw: torch.Tensor, gamma: float = 0.6, n_masks: int = 2,
-                       seed: int = 0) -> torch.Tensor:
+                       seed: int = 0, normalize: bool = True) -> torch.Tensor:
     """Per-patch reconstruction loss ``[B, *grid]`` averaged over ``n_masks`` random masks (paper Fig. 1b, 3).
 
     Each mask scores the patches it hides; a patch's value is the mean over the masks that hid it (NaN if none).
+    ``normalize=False`` scores against raw intensities (the authors' ranking) instead of per-patch normalised ones.
     """
     model.eval()
     g = torch.Generator(device=x_bcdhw.device).manual_seed(seed)
@@ -32,7 +33,7 @@ def average_patch_loss(model: nn.Module, x_bcdhw: torch.Tensor, gamma: float = 0
     count = torch.zeros_like(total)
     for _ in range(n_masks):
         mask = random_mask(x_bcdhw.shape[0], grid, gamma, generator=g, device=x_bcdhw.device)
-        _, patch_loss = mim_loss(model(x_bcdhw, mask), x_bcdhw, mask)
+        _, patch_loss = mim_loss(model(x_bcdhw, mask), x_bcdhw, mask, normalize_ranking=normalize)
         total += patch_loss.float() * mask
         count += mask
     return torch.where(count > 0, total / count.clamp_min(1), torch.full_like(total, math.nan))

@@ -13,7 +13,16 @@ import sys
 
 from anatomask_lab import __version__
 
-COMMAND_MODULES: tuple[str, ...] = ("anatomask_lab.demo",)
+COMMAND_MODULES: tuple[str, ...] = (
+    "anatomask_lab.data.phantom",
+    "anatomask_lab.data.prepare",
+    "anatomask_lab.pretrain",
+    "anatomask_lab.export",
+    "anatomask_lab.finetune",
+    "anatomask_lab.predict",
+    "anatomask_lab.evaluate",
+    "anatomask_lab.demo",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -31,6 +31,7 @@ class FinetuneConfig:
 
     Attributes:
         init: "scratch", a pretraining run folder / checkpoint, or an exported encoder (``anatomask-lab export``).
+        patch_size: 128^3 as STU-Net's plans (the full network downsamples by 32, so 112 does not fit).
         iters_per_epoch: 250 as nnU-Net.
         val_every: validation Dice on the validation split every N epochs; the best checkpoint is kept.
         fg_oversample: share of patches centred on foreground (nnU-Net: 0.33).
@@ -40,7 +41,7 @@ class FinetuneConfig:
     out_dir: str = "runs/finetune"
     size: str = "B"
     init: str = "scratch"
-    patch_size: tuple[int, int, int] = (112, 112, 128)
+    patch_size: tuple[int, int, int] = (128, 128, 128)
     batch_size: int = 2
     epochs: int = 1000
     iters_per_epoch: int = 250
@@ -180,7 +181,7 @@ def run(cfg: FinetuneConfig | None = None, *, resume: bool = False, **overrides:
                            fg_oversample=cfg.fg_oversample, flips=cfg.flips, seed=cfg.seed,
                            samples_per_epoch=cfg.iters_per_epoch * cfg.batch_size)
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, drop_last=True,
-                                         num_workers=cfg.workers, persistent_workers=cfg.workers > 0)
+                                         num_workers=cfg.workers, persistent_workers=False)
     total_steps = cfg.epochs * cfg.iters_per_epoch
     for epoch in tqdm(range(start_epoch, cfg.epochs), desc="finetune", disable=cfg.quiet, initial=start_epoch,
                       total=cfg.epochs, unit="epoch"):

@@ -73,7 +73,10 @@ def sliding_window_predict(
     """
     if not 0.0 <= overlap < 1.0:
         raise ValueError(f"overlap must lie in [0, 1), got {overlap}")
-    image = torch.as_tensor(np.asarray(image_cdhw), dtype=torch.float32)
+    if isinstance(image_cdhw, torch.Tensor):
+        image = image_cdhw.detach().float().cpu()
+    else:
+        image = torch.from_numpy(np.array(image_cdhw, dtype=np.float32))  # a copy: memmaps are read-only
     if image.dim() != 4:
         raise ValueError(f"image must be [C, D, H, W], got shape {tuple(image.shape)}")
     device = torch.device(device)

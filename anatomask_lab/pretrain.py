@@ -190,7 +190,7 @@ def _make_loader(cfg: PretrainConfig, world: int, rank: int):
     from anatomask_lab.data.sampler import PatchDataset
 
     probe = PatchDataset(cfg.data_dir, split="train", patch_size=cfg.patch_size, seed=cfg.seed)
-    n_cases = probe.num_cases
+    n_cases = len(probe.case_ids)
     iters = cfg.iters_per_epoch or max(1, n_cases // (cfg.batch_size * world))
     dataset = PatchDataset(
         cfg.data_dir,
@@ -212,7 +212,7 @@ def _make_loader(cfg: PretrainConfig, world: int, rank: int):
         num_workers=cfg.workers,
         drop_last=True,
         pin_memory=torch.cuda.is_available(),
-        persistent_workers=cfg.workers > 0,
+        persistent_workers=False,
     )
     return dataset, sampler, loader, iters
 

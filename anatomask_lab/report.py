@@ -24,6 +24,7 @@ __all__ = [
     "FIELDS",
     "case_means",
     "compare_runs",
+    "dsc_boxplot",
     "format_pm",
     "mean_sd",
     "read_per_case",
@@ -235,11 +236,11 @@ def compare_runs(runs: Mapping[str, Any], out_dir: str | Path, title: str = "Com
     paths = {"markdown": out / "comparison.md", "json": out / "comparison.json", "boxplot": out / "dsc_boxplot.html"}
     paths["markdown"].write_text("\n\n".join(parts) + "\n")
     paths["json"].write_text(_json_text({"runs": summaries, "dsc_per_case": dsc_per_case}))
-    _boxplot(dsc_per_case, title).write_html(paths["boxplot"], include_plotlyjs=True, full_html=True)
+    dsc_boxplot(dsc_per_case, title).write_html(paths["boxplot"], include_plotlyjs=True, full_html=True)
     return paths
 
 
-def _boxplot(dsc_per_case: Mapping[str, Mapping[str, float]], title: str):
+def dsc_boxplot(dsc_per_case: Mapping[str, Mapping[str, float]], title: str):
     import plotly.graph_objects as go
 
     figure = go.Figure()

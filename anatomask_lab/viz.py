@@ -12,6 +12,7 @@ from plotly.subplots import make_subplots
 __all__ = [
     "crop_to_multiple",
     "loss_curves",
+    "markdown_table",
     "mask_overlay_traces",
     "mean_intensity_patch_loss",
     "organ_patches",
@@ -113,3 +114,17 @@ def loss_curves(runs: dict[str, list[dict]], key: str = "loss", x: str = "epoch"
             fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines+markers", name=name))
     fig.update_layout(title=title, xaxis_title=x, yaxis_title=key, height=360)
     return fig
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[str] | None = None, digits: int = 3) -> str:
+    """A Markdown table of dict rows (floats rounded to ``digits``), for ``IPython.display.Markdown``."""
+    if not rows:
+        return "(no rows)"
+    columns = list(columns or rows[0])
+
+    def fmt(v):
+        return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)

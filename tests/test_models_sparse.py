@@ -19,6 +19,15 @@ GRID = (2, 2, 3)
 STRIDES5 = normalize_strides(None, 5)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread per test (restored after): 2 threads per pytest-xdist worker on 2 cores oversubscribe."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def make_encoder(pooling="sample", strides=STRIDES5, seed=0, **kw) -> SparseEncoder:
     torch.manual_seed(seed)
     enc = SparseEncoder(1, (4, 8, 8, 16, 16), (1, 2, 1, 1, 1), strides, norm_pooling=pooling, **kw)
@@ -52,16 +61,19 @@ def assert_agree(a, b, rtol):
 
 
 @pytest.mark.parametrize("pooling", ["sample", "batch"])
-@pytest.mark.parametrize("gamma", [0.25, 0.6, 0.85])
+@pytest.mark.parametrize("gamma", [0.25, 0.5, 0.75])
 def test_backends_agree_forward_and_backward_fp32(gamma, pooling):
+    """Fixed seeds: in fp32 a LeakyReLU input within ~1e-7 of zero can take the other branch in one backend (a
+    local gradient change of 99%), which happens now and then at ~1e6 activations; fp64 below has no such luck."""
     enc = make_encoder(pooling)
     x = torch.randn(2, 1, *SHAPE)
     mask = random_mask(2, GRID, gamma, generator=torch.Generator().manual_seed(int(gamma * 100)))
     assert_agree(run(enc, "masked", x, mask), run(enc, "spconv", x, mask), rtol=1e-4)
 
 
-def test_backends_agree_to_rounding_in_fp64():
-    enc = make_encoder().double()
+@pytest.mark.parametrize("pooling", ["sample", "batch"])
+def test_backends_agree_to_rounding_in_fp64(pooling):
+    enc = make_encoder(pooling).double()
     x = torch.randn(2, 1, *SHAPE, dtype=torch.float64)
     mask = random_mask(2, GRID, 0.6, generator=torch.Generator().manual_seed(3))
     assert_agree(run(enc, "masked", x, mask), run(enc, "spconv", x, mask), rtol=1e-10)
@@ -149,18 +161,45 @@ def test_gradient_checkpointing_same_gradients(backend):
     assert_agree(run(enc, backend, x, mask), run(ckpt, backend, x, mask), rtol=1e-5)
 
 
-def test_masked_backend_under_bf16_autocast():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_masked_backend_under_autocast(dtype):
     enc = make_encoder()
     x = torch.randn(2, 1, *SHAPE)
     mask = random_mask(2, GRID, 0.6, generator=torch.Generator().manual_seed(6))
     ref = enc(x, mask)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=dtype):
         out = enc(x, mask)
         out[-1].float().square().mean().backward()
     for f, r, act in zip(out, ref, active_maps(mask, (16, 16, 16), STRIDES5)[1:], strict=True):
         assert torch.isfinite(f).all() and torch.count_nonzero(f * ~act.unsqueeze(1)) == 0
         assert (f.float() - r).abs().max() < 0.1 * r.abs().max()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in enc.parameters())
+
+
+def test_spconv_backend_runs_spconv_and_no_dense_conv(monkeypatch):
+    import spconv.pytorch as spconv
+
+    calls = {"subm": 0, "strided": 0}
+    subm, strided = spconv.functional.indice_subm_conv, spconv.functional.indice_conv
+
+    def count(kind, fn):
+        def wrapped(*args):
+            calls[kind] += 1
+            return fn(*args)
+
+        return wrapped
+
+    monkeypatch.setattr(spconv.functional, "indice_subm_conv", count("subm", subm))
+    monkeypatch.setattr(spconv.functional, "indice_conv", count("strided", strided))
+
+    def no_dense(*args, **kwargs):
+        raise AssertionError("dense conv3d called by the spconv backend")
+
+    monkeypatch.setattr(torch.nn.functional, "conv3d", no_dense)
+    enc = make_encoder(backend="spconv")
+    enc(torch.randn(2, 1, *SHAPE), random_mask(2, GRID, 0.6, generator=torch.Generator().manual_seed(9)))
+    # blocks (1, 2, 1, 1, 1): submanifold = 2 (stage 0) + 3 (stage 1) + 1 x 3; strided = one per stage 1-4
+    assert calls == {"subm": 8, "strided": 4}
 
 
 def test_contract_and_input_errors():

@@ -135,19 +135,21 @@ def load_nifti(
         img = img.slicer[..., 0]
     elif len(shape) != 3:
         raise DataError(f"{path}: expected a 3D image, found {len(shape)}D with shape {tuple(shape)}")
-    original = img
-    if canonical:
-        img = nib.as_closest_canonical(img)
     try:
         data = np.asanyarray(img.dataobj)
     except Exception as exc:  # EOFError, zlib.error, OSError for truncated files
         raise DataError(f"{path}: truncated or corrupt data ({type(exc).__name__}: {exc})") from exc
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if canonical:
+        ornt = nib.orientations.io_orientation(affine)
+        affine = affine @ nib.orientations.inv_ornt_aff(ornt, data.shape)
+        data = nib.orientations.apply_orientation(data, ornt)
     if dtype is not None:
         data = data.astype(dtype, copy=False)
     if check_finite and data.dtype.kind == "f" and not np.isfinite(data).all():
         n_bad = int((~np.isfinite(data)).sum())
         raise DataError(f"{path}: {n_bad} NaN or infinite voxels")
-    return data, np.asarray(img.affine, dtype=np.float64), original
+    return np.ascontiguousarray(data), affine, img
 
 
 def check_same_grid(
@@ -182,13 +184,18 @@ def save_nifti(
     """
     path = Path(path)
     data = np.asarray(array) if dtype is None else np.asarray(array).astype(dtype, copy=False)
-    img = nib.Nifti1Image(data, np.asarray(affine, dtype=np.float64))
+    img = nib.Nifti1Image(data, np.asarray(affine, dtype=np.float64), dtype=data.dtype)
     img.header.set_qform(img.affine, code=1)
     img.header.set_sform(img.affine, code=1)
     img.header.set_xyzt_units("mm", "sec")
     img.header["scl_slope"] = 1.0
     img.header["scl_inter"] = 0.0
-    raw = img.to_bytes()
+    hdr = img.header
+    hdr["vox_offset"] = 352  # single-file NIfTI-1: 348-byte header + 4-byte extension flag, then the voxels
+    little = data.astype(data.dtype.newbyteorder("<"), copy=False)
+    hdr.set_data_dtype(little.dtype)
+    head = hdr.copy().as_byteswapped("<").binaryblock if hdr.endianness != "<" else hdr.binaryblock
+    raw = head + b"\x00" * 4 + little.tobytes(order="F")  # one copy instead of nibabel's chunked writer
 
     def _write(p: Path) -> None:
         if path.name.endswith(".gz"):

@@ -7,9 +7,10 @@ portal-venous-phase Hounsfield units (see ``shared/reference/method-notes.md``).
 gastric and colonic content) while fat and air stay smooth, so masked-image reconstruction is harder inside organs.
 The painted volume is blurred (scanner point spread + partial volume across slices) and gets correlated noise.
 
-The template is scaled to fit the field of view: at the default 128 x 128 voxels of 1.5 mm (19.2 cm) the body is
-child-sized (about 0.52 x adult in-plane, up to 1.25 x that cranio-caudally); a 2.5 mm in-plane spacing gives an
-adult-sized body. Labels use TotalSegmentator structure names, so the TotalSegmentator preparer reads the cohort.
+The template is scaled to fill the field of view: at the default 128 x 128 voxels of 1.5 mm (19.2 cm) the body is
+child-sized (about 0.5 x adult in-plane; cranio-caudally at most 1.1 x the in-plane scale, so that the default
+32 cm of slices reach from the heart to the upper thighs); about 2.7 mm in-plane gives an adult-sized body.
+Labels use TotalSegmentator structure names, so the TotalSegmentator preparer reads the cohort.
 
     anatomask-lab phantom --out data/phantom --cases 32 --seed 0
 """
@@ -129,10 +130,11 @@ def _noise(rng: np.random.Generator, shape, sigma_vox) -> np.ndarray:
             k = int(math.ceil(n / step)) + 5
             pos = (np.arange(k) - 2.5) * step
             mats.append(np.exp(-0.5 * ((np.arange(n)[:, None] - pos[None, :]) / s) ** 2).astype(np.float32))
-        g = rng.standard_normal(tuple(m.shape[1] for m in mats), dtype=np.float32)
-        field = np.tensordot(mats[0], g, axes=(1, 0))  # [X, k1, k2]
-        field = np.tensordot(field, mats[1], axes=(1, 1))  # [X, k2, Y]
-        field = np.tensordot(field, mats[2], axes=(1, 1))  # [X, Y, Z]
+        k = tuple(m.shape[1] for m in mats)
+        g = rng.standard_normal(k, dtype=np.float32)
+        field = (mats[0] @ g.reshape(k[0], -1)).reshape(shape[0], k[1], k[2])  # [X, k1, k2]
+        field = np.matmul(mats[1], field)  # [X, Y, k2]
+        field = (field.reshape(-1, k[2]) @ mats[2].T).reshape(shape)  # [X, Y, Z]
     field = field.astype(np.float32, copy=False)
     field -= field.mean()
     field /= field.std() + 1e-6
@@ -219,10 +221,15 @@ def _render(seed: int, shape, spacing):
     origin = world_center - step * (np.array(shape) - 1) / 2
     affine = np.diag([*step, 1.0])
     affine[:3, 3] = origin
-    s_xy = min(fov[0], fov[1]) / 330.0
-    s_z = min(fov[2] / 460.0, 1.1 * s_xy)
-    body_scale = rng.uniform(0.92, 1.03)
-    scale = np.array([s_xy, s_xy, s_z]) * body_scale
+    # body: abdominal cavity of fixed proportions, then muscle and fat outwards (fat varies most between people)
+    a_c = 118.0 * rng.uniform(0.95, 1.05)  # cavity half-width
+    b_ca, b_cp = 82.0 * rng.uniform(0.93, 1.07), 80.0 * rng.uniform(0.95, 1.05)  # anterior / posterior half-depth
+    fat = rng.uniform(8, 30)
+    muscle = rng.uniform(8, 13)
+    half_w = a_c * 1.1 + muscle + 0.8 * fat
+    half_d = max(b_ca * 1.04 + muscle + 1.2 * fat, b_cp * 1.04 + muscle + 0.7 * fat)
+    s_xy = 0.9 * min(fov[0] / 2 / half_w, fov[1] / 2 / half_d) * rng.uniform(0.92, 1.0)
+    scale = np.array([s_xy, s_xy, min(fov[2] / 460.0, 1.1 * s_xy)])
     t_center = np.array([nrm(0, 4), nrm(0, 4), -45 + rng.uniform(-25, 25)])  # template point at FOV centre
     center = world_center - scale * t_center
 
@@ -251,27 +258,25 @@ def _render(seed: int, shape, spacing):
     full = (slice(None),) * 3
 
     # -- body wall: skin/subcutaneous fat, muscle, abdominal cavity
-    a0 = 150.0 * rng.uniform(0.93, 1.05)
-    b0 = 112.0 * rng.uniform(0.92, 1.06)
-    fat = rng.uniform(10, 38)
-    muscle = rng.uniform(9, 14)
     crest = -105.0 + nrm(0, 6)  # iliac crest
     floor = crest - 150.0  # pelvic floor; below it the trunk splits into the thighs
     hips = 1.0 / (1.0 + np.exp((tz + 150.0) / 25.0))
-    a_z = a0 * (1.0 + 0.10 * hips)
-    b_z = b0 * (1.0 + 0.04 * hips)
+    a_z = a_c * (1.0 + 0.10 * hips)
+    ba_z, bp_z = b_ca * (1.0 + 0.04 * hips), b_cp * (1.0 + 0.04 * hips)
     legs = np.clip((floor + 10.0 - tz) / 50.0, 0.0, 1.0)
-    xl = np.abs(tx) - 0.53 * a_z * legs  # distance from the thigh axis
-    a_l = a_z * (1.0 - 0.56 * legs)
-    b_l = b_z * (1.0 - 0.12 * legs)
-    rho_body = _superellipse(xl, ty, a_l, b_l, 0.98 * b_l)
-    _paint(hu, owner, full, rho_body <= 1, "_subcut_fat", -104.0 + 3.0 * f_org)
-    rho_in = _superellipse(xl, ty, a_l - fat * 0.8, b_l - fat * 1.2, 0.98 * b_l - fat * 0.7)
+    a_b = a_z + muscle + 0.8 * fat
+    xl = np.abs(tx) - 0.53 * a_b * legs  # distance from the thigh axis
+    shrink = 1.0 - 0.56 * legs
+    rho_body = _superellipse(xl, ty, a_b * shrink, (ba_z + muscle + 1.2 * fat) * (1 - 0.12 * legs),
+                             (bp_z + muscle + 0.7 * fat) * (1 - 0.12 * legs))
+    _paint(hu, owner, full, rho_body <= 1, "_subcut_fat", -104.0 + 2.0 * f_org)
+    rho_in = _superellipse(xl, ty, (a_z + muscle) * shrink - 0.8 * fat * legs, (ba_z + muscle) * (1 - 0.12 * legs),
+                           (bp_z + muscle) * (1 - 0.12 * legs))
     _paint(hu, owner, full, rho_in <= 1, "_muscle", 52.0 + 4.0 * f_fine)
-    rho_cav = _superellipse(tx, ty, a_z - fat * 0.8 - muscle, b_z - fat * 1.2 - muscle, 0.98 * b_z - fat * 0.7 - 22)
+    rho_cav = _superellipse(tx, ty, a_z, ba_z, bp_z, p=2.6)
     cavity = (rho_cav <= 1) & (tz > floor)
-    del legs, xl, a_l, b_l
-    _paint(hu, owner, full, cavity, "_fat", -94.0 + 4.0 * f_org)
+    del legs, xl, shrink
+    _paint(hu, owner, full, cavity, "_fat", -94.0 + 2.5 * f_org)
     del rho_body, rho_in
 
     # diaphragm: two domes, lower posteriorly and laterally
@@ -292,11 +297,11 @@ def _render(seed: int, shape, spacing):
         (75, 10, -130), (90, -10, -60), (95, 10, 20), (50, 68, 15), (0, 78, 5), (-60, 62, 35), (-95, 5, 60),
         (-100, -15, -20), (-95, -5, -110), (-50, 20, -170), (-10, -20, -200), (0, -52, -230), (0, -52, -290),
     ], float) + nrm(0, 6, size=(13, 3))
-    colon_r = np.array([28, 24, 22, 22, 20, 22, 22, 20, 20, 18, 18, 20, 15]) * rng.uniform(0.85, 1.15)
+    colon_r = np.array([24, 21, 19, 19, 17, 19, 19, 17, 17, 16, 16, 18, 14]) * rng.uniform(0.85, 1.15)
     sl, d = _tube(grid, colon_pts, colon_r)
     if sl is not None:
         inside = (d <= 1) & cavity[sl]
-        gas = f_loop[sl] + 0.5 * f_fine[sl] > rng.uniform(0.2, 0.9)
+        gas = f_loop[sl] + 0.5 * f_fine[sl] > rng.uniform(0.5, 1.2)
         content = np.where(gas, -960.0 + 10 * f_fine[sl], -250.0 + 160.0 * np.clip(f_fine[sl], -1.5, 1.5))
         content = np.where(d > 0.86, 48.0, content)  # wall
         _paint(hu, owner, sl, inside, "colon", content)
@@ -332,15 +337,17 @@ def _render(seed: int, shape, spacing):
         r2 = u * u + v * v + w * w
         heart = (r2 <= 1) & above[sl]
         _paint(hu, owner, sl, heart, "_heart", np.where(r2 > 0.72, 105.0, 150.0 + 6 * f_org[sl]))
-    x, y, z = tx, ty, tz
-    lung = above & (owner != _ID["_heart"]) & (np.abs(x) > 14)
-    lung_hu = -865.0 + 22.0 * f_org + np.where(vessels < 0.02, 880.0, 0.0) + 12.0 * f_fine
-    lower = y < 60.0 - 1.1 * (z - 110.0) + nrm(0, 5)
-    _paint(hu, owner, full, lung & (x < 0) & lower, "lung_lower_lobe_left", lung_hu)
-    _paint(hu, owner, full, lung & (x < 0) & ~lower, "lung_upper_lobe_left", lung_hu)
-    _paint(hu, owner, full, lung & (x > 0) & lower, "lung_lower_lobe_right", lung_hu)
-    _paint(hu, owner, full, lung & (x > 0) & ~lower, "lung_middle_lobe_right", lung_hu)
-    del lung, lower, lung_hu, x, y, z
+    fissure = nrm(0, 5)
+    sl = grid.box((-250, -250, 30), (250, 250, 600))
+    if sl is not None:
+        x, y, z = grid.coords(sl)
+        lung = above[sl] & (owner[sl] != _ID["_heart"]) & (np.abs(x) > 14)
+        lung_hu = -865.0 + 22.0 * f_org[sl] + np.where(vessels[sl] < 0.02, 880.0, 0.0) + 12.0 * f_fine[sl]
+        lower = y < 60.0 - 1.1 * (z - 110.0) + fissure
+        _paint(hu, owner, sl, lung & (x < 0) & lower, "lung_lower_lobe_left", lung_hu)
+        _paint(hu, owner, sl, lung & (x < 0) & ~lower, "lung_upper_lobe_left", lung_hu)
+        _paint(hu, owner, sl, lung & (x > 0) & lower, "lung_lower_lobe_right", lung_hu)
+        _paint(hu, owner, sl, lung & (x > 0) & ~lower, "lung_middle_lobe_right", lung_hu)
 
     def organ(sl, mask):
         return mask & below[sl] if mask is not None else None
@@ -361,8 +368,8 @@ def _render(seed: int, shape, spacing):
             inside |= ((d / s) ** 2).sum(-1) <= 1
         z_inf = c_r[2] - 100 * liv + 0.55 * (c_r[0] + 85 - x) + 0.25 * np.abs(y - 20)
         inside &= z > z_inf
-        value = 108.0 + nrm(0, 4) + 6.0 * f_org[sl] + 2.5 * f_fine[sl]
-        value = np.where(vessels[sl] < 0.035, 168.0, value)
+        value = 108.0 + nrm(0, 4) + 7.0 * f_org[sl] + 6.0 * f_v2[sl] + 4.0 * f_fine[sl]
+        value = np.where(vessels[sl] < 0.06, 165.0, value)  # portal and hepatic veins
         for _ in range(rng.integers(0, 3)):
             cc = c_r + nrm(0, 30, 3)
             rc = rng.uniform(5, 12)
@@ -371,7 +378,7 @@ def _render(seed: int, shape, spacing):
 
     # -- spleen: crescent
     sp = rng.uniform(0.8, 1.2)
-    c = np.array([-100, -52, 82]) + nrm(0, 6, 3)
+    c = np.array([-82, -36, 62]) + nrm(0, 5, 3)
     r = _rot(-30 + nrm(0, 8), 0, 225 + nrm(0, 10))
     sl, (u, v, w) = _ellipsoid(grid, c, np.array([22, 40, 58]) * sp, r)
     if sl is not None:
@@ -380,7 +387,8 @@ def _render(seed: int, shape, spacing):
         d = np.stack([x - hil[0], y - hil[1], z - hil[2]], -1) @ r
         notch = ((d / (np.array([20, 28, 40]) * sp)) ** 2).sum(-1) <= 1
         mask = (u * u + v * v + w * w <= 1) & ~notch & cavity[sl]
-        _paint(hu, owner, sl, organ(sl, mask), "spleen", 114.0 + nrm(0, 4) + 5.0 * f_org[sl] + 3.0 * f_fine[sl])
+        _paint(hu, owner, sl, organ(sl, mask), "spleen",
+               114.0 + nrm(0, 4) + 6.0 * f_org[sl] + 9.0 * f_v1[sl] + 4.0 * f_fine[sl])
 
     # -- stomach: fundus/body + antrum, wall, air-fluid level (supine: air anterior)
     st = rng.uniform(0.85, 1.15)
@@ -422,13 +430,13 @@ def _render(seed: int, shape, spacing):
                    (-88, -30, 38)], float) + nrm(0, 4, (7, 3))
     sl, d = _tube(grid, pa, np.array([10, 15, 12, 10, 10, 11, 9]) * rng.uniform(0.85, 1.15))
     if sl is not None:
-        value = np.where(f_fine[sl] > 1.1, -45.0, 100.0 + nrm(0, 5) + 6.0 * f_org[sl])
+        value = np.where(f_fine[sl] > 0.8, -45.0, 100.0 + nrm(0, 5) + 6.0 * f_org[sl] + 8.0 * f_v1[sl])
         _paint(hu, owner, sl, organ(sl, (d <= 1) & cavity[sl]), "pancreas", value)
 
     # -- kidneys: cortex, medulla with pyramids, sinus fat and pelvis at the medial hilum
     for side, sgn, zc in (("left", -1, 2.0), ("right", 1, -18.0)):
         ks = rng.uniform(0.88, 1.12)
-        c = np.array([sgn * 72, -52, zc]) + nrm(0, 5, 3)
+        c = np.array([sgn * 70, -44, zc]) + nrm(0, 4, 3)
         # upper pole medial and posterior, hilum facing antero-medially
         r = _rot(10 + nrm(0, 4), -sgn * (12 + nrm(0, 4)), -sgn * (30 + nrm(0, 6)))
         semi = np.array([28, 22, 55]) * ks  # u: width (lateral), v: thickness (AP), w: length
@@ -558,8 +566,8 @@ def _render(seed: int, shape, spacing):
             frac = (phi - phi[0]) / (math.pi - phi[0])
             zp = zc + 6 - (75 + 6 * (12 - min(k, 10))) * frac ** 1.25 * rng.uniform(0.85, 1.15)
             hz = 1.0 / (1.0 + np.exp((zp + 150.0) / 25.0))
-            ar = a0 * (1 + 0.1 * hz) - fat * 0.8 - muscle * 0.45
-            br = np.where(np.cos(phi) > 0, 0.98 * b0 - fat * 0.7 - 18, b0 - fat * 1.2 - muscle * 0.45)
+            ar = a_c * (1 + 0.1 * hz) + muscle * 0.55
+            br = np.where(np.cos(phi) > 0, b_cp, b_ca) + muscle * 0.55
             px = sgn * ar * np.abs(np.sin(phi)) ** (2 / 2.3)
             py = -br * np.sign(np.cos(phi)) * np.abs(np.cos(phi)) ** (2 / 2.3)
             sl, d = _tube(grid, np.stack([px, py, zp], 1), 5.5)
@@ -766,16 +774,21 @@ def _resample_rows(img: np.ndarray, row_mm: float, col_mm: float) -> np.ndarray:
 
 
 def phantom_figure(ct: np.ndarray, labels: dict[str, np.ndarray], affine: np.ndarray, *, window=(-160, 240),
-                   axial_structures=("liver", "kidney_left", "pancreas", "urinary_bladder")) -> np.ndarray:
-    """Montage of a case: axial slices through the given structures' centres, one coronal, one sagittal slice.
+                   axial_structures=("spleen", "kidney_right", "vertebrae_L4", "urinary_bladder"),
+                   zoom: int = 1) -> np.ndarray:
+    """Montage of a case: axial slices through the given structures' centres, one coronal and one sagittal slice.
 
-    Top row: CT in an abdominal window (W 400 / L 40); bottom row: the same with coloured label outlines filled at
-    40 % opacity. Axial slices are shown as radiologists do (patient's right on the left, anterior up).
+    Left: axial CT in an abdominal window (W 400 / L 40) above the same slices with labels (filled at 45 % opacity,
+    outlined); right: coronal and sagittal CT, each followed by its labelled copy. Slices are shown as radiologists
+    do: patient's right on the image left, anterior up (axial) or left (sagittal), head up.
 
     Args:
         ct: HU [X, Y, Z] in any orientation described by ``affine``.
         labels: name -> bool mask, same grid.
         affine: voxel-to-RAS matrix.
+        window: display range in HU.
+        axial_structures: one axial slice through the centre of each (the middle slice when absent).
+        zoom: integer pixel replication.
 
     Returns:
         uint8 RGB image [H, W, 3].
@@ -796,9 +809,8 @@ def phantom_figure(ct: np.ndarray, labels: dict[str, np.ndarray], affine: np.nda
     pal = _palette(max(len(names), 1))
     lo, hi = window
     gray = np.clip((vol - lo) / (hi - lo), 0, 1)
-    tiles_ct, tiles_lab = [], []
 
-    def add(g2, l2, row_mm, col_mm):
+    def tiles(g2, l2, row_mm, col_mm):
         g2 = _resample_rows(g2, row_mm, col_mm)
         l2 = _resample_rows(l2, row_mm, col_mm)
         rgb = np.repeat(g2[..., None] * 255.0, 3, axis=2)
@@ -807,35 +819,35 @@ def phantom_figure(ct: np.ndarray, labels: dict[str, np.ndarray], affine: np.nda
         over[m] = 0.55 * over[m] + 0.45 * pal[l2[m] - 1]
         edge = m & (ndimage.grey_dilation(l2, size=3) != ndimage.grey_erosion(l2, size=3))
         over[edge] = pal[l2[edge] - 1]
-        tiles_ct.append(rgb)
-        tiles_lab.append(over)
+        return rgb, over
 
+    def centre(name, axis, default):
+        m = labels.get(name)
+        return int(round(np.nonzero(canon(m))[axis].mean())) if m is not None and m.any() else default
+
+    def hstack(ts, gap=4):
+        h = max(t.shape[0] for t in ts)
+        return np.concatenate([np.pad(t, ((0, h - t.shape[0]), (0, gap), (0, 0))) for t in ts], axis=1)
+
+    axial = []
     for s in axial_structures:
-        if s in labels and labels[s].any():
-            k = int(round(np.nonzero(canon(labels[s]))[2].mean()))
-        else:
-            k = vol.shape[2] // 2
+        k = centre(s, 2, vol.shape[2] // 2)
         # rows: anterior at top (y descending); columns: patient's right at left (x descending)
-        add(gray[::-1, ::-1, k].T, lab[::-1, ::-1, k].T, sp[1], sp[0])
-    j = int(round(np.nonzero(canon(labels["aorta"]))[1].mean())) if labels.get("aorta", np.zeros(1)).any() \
-        else vol.shape[1] // 2
-    add(gray[::-1, j, ::-1].T, lab[::-1, j, ::-1].T, sp[2], sp[0])  # coronal
-    i = vol.shape[0] // 2 - int(round(15 / sp[0]))
-    add(gray[i, :, ::-1].T, lab[i, :, ::-1].T, sp[2], sp[1])  # sagittal, anterior on the right
-    height = max(t.shape[0] for t in tiles_ct)
-
-    def row(tiles):
-        padded = [np.pad(t, ((0, height - t.shape[0]), (0, 4), (0, 0))) for t in tiles]
-        return np.concatenate(padded, axis=1)
-
-    return np.concatenate([row(tiles_ct), np.zeros((4, row(tiles_ct).shape[1], 3)), row(tiles_lab)],
-                          axis=0).astype(np.uint8)
+        axial.append(tiles(gray[::-1, ::-1, k].T, lab[::-1, ::-1, k].T, sp[1], sp[0]))
+    j = centre("aorta", 1, vol.shape[1] // 2)
+    i = centre("kidney_right", 0, vol.shape[0] // 2)
+    cor = tiles(gray[::-1, j, ::-1].T, lab[::-1, j, ::-1].T, sp[2], sp[0])
+    sag = tiles(gray[i, ::-1, ::-1].T, lab[i, ::-1, ::-1].T, sp[2], sp[1])  # anterior on the left
+    ct_row = hstack([a[0] for a in axial])
+    left = np.concatenate([ct_row, np.zeros((4, ct_row.shape[1], 3)), hstack([a[1] for a in axial])], axis=0)
+    out = hstack([left, cor[0], cor[1], sag[0], sag[1]], gap=6)[:, :-6].astype(np.uint8)
+    return np.repeat(np.repeat(out, zoom, axis=0), zoom, axis=1)
 
 
-def save_phantom_png(path, seed: int = 0, shape=(128, 128, 128), spacing=(1.5, 1.5, 2.5)) -> Path:
+def save_phantom_png(path, seed: int = 0, shape=(128, 128, 128), spacing=(1.5, 1.5, 2.5), zoom: int = 1) -> Path:
     """Generate case ``seed`` and write :func:`phantom_figure` of it to ``path``."""
     ct, labels, affine = generate_case(seed, shape, spacing)
-    return write_png(path, phantom_figure(ct, labels, affine))
+    return write_png(path, phantom_figure(ct, labels, affine, zoom=zoom))
 
 
 # ---------------------------------------------------------------------------------------------------------------

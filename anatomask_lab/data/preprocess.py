@@ -28,6 +28,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import shutil
 import zlib
 from collections.abc import Sequence
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
@@ -318,9 +319,11 @@ def _load_label_map(path: Path, shape, affine, ref: Path, table: LabelTable) -> 
 
 
 def _load_masks(masks, shape, affine, ref: Path, table: LabelTable) -> np.ndarray:
+    """Merge binary masks into a label map; where masks overlap, the structure later in the source table wins."""
     ids = table.mask_ids()
+    order = {n: i for i, n in enumerate(table.source_names)}
     out = np.zeros(shape, dtype=table.dtype)
-    for name, path in masks:
+    for name, path in sorted(masks, key=lambda m: order.get(m[0], -1)):
         if name not in ids:
             continue
         data, aff, _ = load_nifti(path, dtype=None)
@@ -554,6 +557,8 @@ def preprocess_dataset(
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(stamp, settings)
 
+    for stale in (out / "cases").glob(".*.tmp-*"):  # left by a killed run; never a finished case
+        shutil.rmtree(stale, ignore_errors=True)
     jobs = [(c, table, settings, str(out)) for c in cases]
     workers = min(os.cpu_count() or 1, len(jobs)) if workers is None else workers
     bar = tqdm(total=len(jobs), desc=f"prepare {name}", unit="case", disable=not progress)

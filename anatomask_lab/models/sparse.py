@@ -78,31 +78,39 @@ def masked_instance_norm(
 
     Args:
         x_bcdhw: features, **zero at inactive positions** (as every masked conv output is).
-        act_b1dhw: bool active map broadcastable to ``x`` (``[B, 1, *S]``).
+        act_b1dhw: active map ``[B, 1, *S]``, bool or float 0 / 1.
         norm: module with ``weight``, ``bias`` ``[C]`` and ``eps`` (an ``nn.InstanceNorm3d(affine=True)``).
         pooling: ``"sample"`` (statistics per sample and channel) or ``"batch"`` (per channel over the batch).
 
     Returns:
         tensor shaped like ``x``, at least fp32 (statistics are computed in fp32 under autocast too).
     """
-    dims = (2, 3, 4) if pooling == "sample" else (0, 2, 3, 4)
+    # reduce over one contiguous trailing axis: forward and backward sums are then cascade sums (a reduction over
+    # dims (0, 2, 3, 4) accumulates sequentially and loses ~1e-3 relative precision in fp32 gradients)
     dtype = torch.promote_types(x_bcdhw.dtype, torch.float32)
-    m = act_b1dhw.to(dtype)
-    x = x_bcdhw.to(dtype)
-    n = m.sum(dim=dims, keepdim=True).clamp_min(1.0)
-    mean = x.sum(dim=dims, keepdim=True) / n
-    xc = (x - mean) * m
-    var = xc.pow(2).sum(dim=dims, keepdim=True) / n
-    scale = torch.rsqrt(var + norm.eps) * norm.weight.to(dtype).view(1, -1, 1, 1, 1)
-    return torch.addcmul(norm.bias.to(dtype).view(1, -1, 1, 1, 1) * m, xc, scale)
+    b, c = x_bcdhw.shape[:2]
+    x = x_bcdhw.to(dtype).reshape(b, c, -1)
+    m = act_b1dhw.to(dtype).reshape(b, 1, -1)
+    n = m.sum(dim=-1, keepdim=True)
+    total = x.sum(dim=-1, keepdim=True)
+    if pooling == "batch":
+        n, total = n.sum(dim=0, keepdim=True), total.sum(dim=0, keepdim=True)
+    n = n.clamp_min(1.0)
+    xc = (x - total / n) * m
+    sq = xc.pow(2).sum(dim=-1, keepdim=True)
+    var = (sq.sum(dim=0, keepdim=True) if pooling == "batch" else sq) / n
+    scale = torch.rsqrt(var + norm.eps) * norm.weight.to(dtype).view(1, -1, 1)
+    return torch.addcmul(norm.bias.to(dtype).view(1, -1, 1) * m, xc, scale).view(x_bcdhw.shape)
 
 
-def _masked_block(block: ResBlock, x: torch.Tensor, act_out: torch.Tensor, pooling: str) -> torch.Tensor:
-    y = block.conv1(x) * act_out
-    y = F.leaky_relu(masked_instance_norm(y, act_out, block.norm1, pooling), 1e-2)
-    y = block.conv2(y) * act_out
-    y = masked_instance_norm(y, act_out, block.norm2, pooling)
-    shortcut = block.conv3(x) * act_out if block.conv3 is not None else x
+def _masked_block(block: ResBlock, x: torch.Tensor, act: torch.Tensor, act_f: torch.Tensor, pooling: str):
+    # act (bool) re-masks conv outputs in their own dtype; act_f (fp32) is shared by all norms of the stage, so that
+    # autograd saves one mask per stage instead of a copy per norm
+    y = block.conv1(x) * act
+    y = F.leaky_relu(masked_instance_norm(y, act_f, block.norm1, pooling), 1e-2)
+    y = block.conv2(y) * act
+    y = masked_instance_norm(y, act_f, block.norm2, pooling)
+    shortcut = block.conv3(x) * act if block.conv3 is not None else x
     return F.leaky_relu(y + shortcut, 1e-2)
 
 
@@ -167,10 +175,9 @@ class SparseEncoder(STUNetEncoder):
         x = x_bcdhw * acts[0]
         feats = []
         for stage, act in zip(self.stages, acts[1:], strict=True):
+            act_f = act.to(torch.promote_types(x.dtype, torch.float32))
             for block in stage:
-                if use_ckpt:
-                    x = checkpoint(_masked_block, block, x, act, self.norm_pooling, use_reentrant=False)
-                else:
-                    x = _masked_block(block, x, act, self.norm_pooling)
+                args = (block, x, act, act_f, self.norm_pooling)
+                x = checkpoint(_masked_block, *args, use_reentrant=False) if use_ckpt else _masked_block(*args)
             feats.append(x)
         return feats

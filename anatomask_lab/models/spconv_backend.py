@@ -136,6 +136,9 @@ def sparse_instance_norm(f_nc: torch.Tensor, level: SparseLevel, norm: nn.Module
     segments = [f_nc.to(dtype)] if pooling == "batch" else torch.split(f_nc.to(dtype), level.counts_list)
     out = []
     for seg in segments:
+        if seg.shape[0] == 0:  # a sample with every patch masked has no rows
+            out.append(seg)
+            continue
         mean = seg.mean(dim=0, keepdim=True)
         var = (seg - mean).pow(2).mean(dim=0, keepdim=True)
         out.append((seg - mean) * (torch.rsqrt(var + norm.eps) * norm.weight.to(dtype)) + norm.bias.to(dtype))

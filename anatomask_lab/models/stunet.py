@@ -12,8 +12,9 @@ Architecture facts (see ``shared/reference/method-notes.md``):
 With these rules the parameter counts at ``in_channels=1, num_classes=105`` are S 14.60M, B 58.26M, L 440.30M and
 H 1457.33M, as in STU-Net's table. Block key names (``conv1/norm1/conv2/norm2/conv3``) are STU-Net's own.
 
-The ``tiny`` size (widths 8-16-32-64-128-128, one block per stage, 0.89M parameters with 105 classes) is ours:
-small enough that a pretraining step on a 64^3 patch runs in well under a second on a laptop CPU.
+The ``tiny`` size (widths 8-16-32-64-128-128, one block per stage, decoder width 128) is ours, for CPU teaching
+runs: 3.67M parameters as a 105-class STU-Net, 3.32M as an MIM model (most of them in the deep, low-resolution
+stages), and a pretraining step on two 64^3 patches takes about a second on 2 CPU cores.
 
 The encoder is the submodule ``encoder`` (``STUNetEncoder``); the MIM model's sparse encoder subclasses it, so
 ``stunet.encoder.load_state_dict(mim.encoder.state_dict(), strict=False)`` loads the pretrained stages by key (the

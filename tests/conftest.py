@@ -1,0 +1,28 @@
+"""Shared fixtures: a tiny phantom cohort, generated and prepared once per test session."""
+
+from __future__ import annotations
+
+import pytest
+
+TINY_CLASSES = ["liver", "spleen", "kidney_left", "kidney_right", "aorta"]
+
+
+@pytest.fixture(scope="session")
+def phantom_release(tmp_path_factory):
+    """8 phantom cases of 48x48x40 voxels at 4 x 4 x 5 mm in the TotalSegmentator release layout."""
+    from anatomask_lab.data.phantom import generate_cohort
+
+    out = tmp_path_factory.mktemp("phantom_release")
+    generate_cohort(out, 8, seed=0, shape=(48, 48, 40), spacing=(4.0, 4.0, 5.0), workers=1, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(phantom_release, tmp_path_factory):
+    """The cohort prepared at 4 mm with 5 organ classes (about 48^3 voxels per case): 6 train, 1 val, 1 test."""
+    from anatomask_lab.data.prepare import totalsegmentator
+
+    out = tmp_path_factory.mktemp("phantom_prepared")
+    totalsegmentator.prepare(phantom_release, out, classes=TINY_CLASSES, spacing=(4.0, 4.0, 4.0), workers=1,
+                             progress=False)
+    return out
