@@ -14,7 +14,7 @@ statistics) the bytes of tensors saved for backward. Times are the best of --rep
 that load from other processes hits them alike. Ratios are relative to ``dense``; below 1 is faster / smaller.
 
 Examples:
-  python bench/bench_network.py                               # tiny, 2 x 64^3, CPU: under a minute
+  python bench/bench_network.py                               # tiny, 2 x 64^3, CPU, 1 thread: ~30 s
   python bench/bench_network.py --size B --batch 2 --patch 112,112,128 --device cuda
 """
 
@@ -119,8 +119,9 @@ def bench(args: argparse.Namespace) -> list[dict]:
     variants = [("dense", _DenseEncoder(sparse_encoder).to(device), visible, None)]
     variants.append(("masked", sparse_encoder, mask, ("masked", "auto")))
     try:
-        import spconv.pytorch  # noqa: F401
+        from anatomask_lab.models.spconv_backend import _spconv
 
+        _spconv()
         variants.append(("spconv", sparse_encoder, mask, ("spconv", "auto")))
         if device.type == "cuda":
             variants.append(("spconv-native", sparse_encoder, mask, ("spconv", "native")))
@@ -197,11 +198,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--gamma", type=float, default=0.6)
     parser.add_argument("--decoder", default="hierarchical", choices=["hierarchical", "simple"])
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="CPU threads: default 1 on a CPU (stable when shared), 0 = torch's"
+    )
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     on_cuda = args.device.startswith("cuda")
+    threads = args.threads if args.threads is not None else (0 if on_cuda else 1)
+    if threads:
+        torch.set_num_threads(threads)
     args.size = args.size or ("B" if on_cuda else "tiny")
     args.patch = args.patch or ("112,112,128" if on_cuda else "64")
     print_table(bench(args), args)

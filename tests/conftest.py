@@ -26,3 +26,15 @@ def tiny_dataset(phantom_release, tmp_path_factory):
     totalsegmentator.prepare(phantom_release, out, classes=TINY_CLASSES, spacing=(4.0, 4.0, 4.0), workers=1,
                              progress=False)
     return out
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` need CUDA: skip them cleanly on machines without it."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

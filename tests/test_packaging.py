@@ -43,5 +43,5 @@ def test_cli_help_lists_subcommands():
         [sys.executable, "-m", "anatomask_lab.cli", "--help"], capture_output=True, text=True, check=True
     ).stdout
     assert "usage: anatomask-lab" in out
-    for command in ("phantom", "prepare", "pretrain", "export", "finetune", "predict", "evaluate", "demo"):
+    for command in ("phantom", "prepare", "pretrain", "export", "finetune", "predict", "evaluate", "demo", "bench"):
         assert command in out

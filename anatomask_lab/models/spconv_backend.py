@@ -29,6 +29,7 @@ convolutions run in fp16.
 from __future__ import annotations
 
 import itertools
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,7 +46,9 @@ __all__ = ["SparseLevel", "build_levels", "neighbour_pairs", "spconv_encoder_for
 
 def _spconv() -> Any:
     try:
-        import spconv.pytorch as spconv
+        with warnings.catch_warnings():  # spconv 2.3 uses the deprecated torch.cuda.amp.custom_fwd decorators
+            warnings.simplefilter("ignore", FutureWarning)
+            import spconv.pytorch as spconv
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise ImportError(
             "backend 'spconv' needs spconv (spconv-cu120 on Python <= 3.11, spconv-cu126 on 3.12+); "
