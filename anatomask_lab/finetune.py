@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from anatomask_lab.augment import random_rotate_scale
 from anatomask_lab.inference import sliding_window_predict
 from anatomask_lab.losses import deep_supervision_loss
 from anatomask_lab.models import build_stunet, load_encoder_weights
@@ -35,6 +36,8 @@ class FinetuneConfig:
         iters_per_epoch: 250 as nnU-Net.
         val_every: validation Dice on the validation split every N epochs; the best checkpoint is kept.
         fg_oversample: share of patches centred on foreground (nnU-Net: 0.33).
+        rotate_scale_p: probability of a random rotation (up to 30 degrees per axis) and scaling (0.7-1.4) per
+            sample, as nnU-Net's augmentation (0 = off; the paper's finetuning uses nnU-Net's pipeline).
     """
 
     data_dir: str = "data/phantom_prepared"
@@ -52,6 +55,7 @@ class FinetuneConfig:
     deep_supervision: bool = True
     fg_oversample: float = 0.33
     flips: bool = True
+    rotate_scale_p: float = 0.0
     val_every: int = 10
     val_cases: int | None = None
     overlap: float = 0.5
@@ -69,8 +73,9 @@ class FinetuneConfig:
         for name in ("batch_size", "epochs", "iters_per_epoch", "val_every", "ckpt_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0.0 <= self.fg_oversample <= 1.0:
-            raise ValueError(f"fg_oversample must lie in [0, 1], got {self.fg_oversample}")
+        for name in ("fg_oversample", "rotate_scale_p"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
 
 
 FINETUNE_PRESETS: dict[str, dict[str, Any]] = {
@@ -191,6 +196,8 @@ def run(cfg: FinetuneConfig | None = None, *, resume: bool = False, **overrides:
         for batch in tqdm(loader, total=cfg.iters_per_epoch, leave=False, disable=cfg.quiet, desc=f"epoch {epoch}"):
             x = batch["image"].to(device, non_blocking=True)
             y = batch["label"].to(device, non_blocking=True)
+            if cfg.rotate_scale_p > 0:
+                x, y = random_rotate_scale(x, y, p=cfg.rotate_scale_p)
             lr = cosine_lr(step, total_steps, cfg.lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -295,6 +302,7 @@ def add_cli(subparsers) -> None:
     p.add_argument("--val-every", type=int)
     p.add_argument("--val-cases", type=int)
     p.add_argument("--fg-oversample", type=float)
+    p.add_argument("--rotate-scale-p", type=float, help="probability of random rotation + scaling per sample")
     p.add_argument("--amp", choices=["auto", "bf16", "fp16", "fp32"])
     p.add_argument("--device")
     p.add_argument("--workers", type=int)

@@ -16,7 +16,7 @@ DEMO_CLASSES = ("liver", "spleen", "kidney_left", "kidney_right", "stomach", "ao
 
 
 def ensure_phantom_dataset(data_dir: str | Path, *, cases: int = 8, shape=(96, 96, 80), spacing=(3.0, 3.0, 3.75),
-                           prep_spacing=(3.0, 3.0, 3.0), classes: Sequence[str] = DEMO_CLASSES, seed: int = 0,
+                           prep_spacing=(4.5, 4.5, 4.5), classes: Sequence[str] = DEMO_CLASSES, seed: int = 0,
                            progress: bool = False) -> Path:
     """A prepared phantom dataset at ``data_dir``: reused when its ``dataset.json`` exists, else generated (the
     release layout goes to ``<data_dir>_release``) and prepared with the TotalSegmentator preparer."""

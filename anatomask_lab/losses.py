@@ -10,8 +10,12 @@ import torch.nn.functional as F
 __all__ = ["deep_supervision_weights", "dice_ce_loss", "soft_dice_loss", "deep_supervision_loss"]
 
 
-def soft_dice_loss(logits_bk: torch.Tensor, target_b: torch.Tensor, *, smooth: float = 1e-5) -> torch.Tensor:
-    """1 - mean soft Dice over the foreground classes (background excluded), per sample then averaged.
+def soft_dice_loss(logits_bk: torch.Tensor, target_b: torch.Tensor, *, smooth: float = 1e-5,
+                   batch_dice: bool = True) -> torch.Tensor:
+    """1 - mean soft Dice over the foreground classes (background excluded).
+
+    With ``batch_dice`` (nnU-Net's choice for 3D full-resolution training) the sums run over the batch and space,
+    so that a class absent from one patch does not dominate; otherwise Dice is computed per sample and averaged.
 
     Args:
         logits_bk: ``[B, K, *spatial]``.
@@ -20,11 +24,11 @@ def soft_dice_loss(logits_bk: torch.Tensor, target_b: torch.Tensor, *, smooth: f
     k = logits_bk.shape[1]
     prob = torch.softmax(logits_bk.float(), dim=1)
     onehot = F.one_hot(target_b.long(), k).movedim(-1, 1).float()
-    dims = tuple(range(2, prob.dim()))
+    dims = (0, *range(2, prob.dim())) if batch_dice else tuple(range(2, prob.dim()))
     inter = (prob * onehot).sum(dims)
     denom = prob.sum(dims) + onehot.sum(dims)
     dice = (2 * inter + smooth) / (denom + smooth).clamp_min(1e-8)
-    return 1.0 - dice[:, 1:].mean()
+    return 1.0 - dice[..., 1:].mean()
 
 
 def dice_ce_loss(logits_bk: torch.Tensor, target_b: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ __all__ = [
     "crop_to_multiple",
     "loss_curves",
     "markdown_table",
+    "notebook_setup",
     "mask_overlay_traces",
     "mean_intensity_patch_loss",
     "organ_patches",
@@ -31,6 +32,13 @@ def label_map(labels: dict[str, np.ndarray]) -> np.ndarray:
     if out is None:
         raise ValueError("no structures given")
     return out
+
+
+def notebook_setup() -> None:
+    """Plotly output that renders both in JupyterLab (mimetype) and in exported HTML (plotly.js embedded once)."""
+    import plotly.io as pio
+
+    pio.renderers.default = "plotly_mimetype+notebook"
 
 
 def crop_to_multiple(volume: np.ndarray, patch: int = 16) -> np.ndarray:

@@ -10,13 +10,13 @@ one process; the figure that matters is the ratio.
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 
 import numpy as np
 import torch
 
 from anatomask_lab.masking import anatomask_mask, mask_counts
+from anatomask_lab.runs import device_name
 
 
 def loop_mask(patch_loss: torch.Tensor, gamma: float, r_t: float) -> torch.Tensor:
@@ -57,7 +57,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=200)
     args = parser.parse_args()
     device = torch.device(args.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    name = device_name(device)
     print(f"device: {device} ({name}), torch {torch.__version__}, threads {torch.get_num_threads()}")
     print("| batch | grid | vectorised (ms) | per-sample loop (ms) | speed-up |")
     print("|---|---|---|---|---|")

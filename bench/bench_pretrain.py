@@ -11,7 +11,6 @@ so that both see the same machine state.
 from __future__ import annotations
 
 import argparse
-import platform
 import resource
 import statistics
 import time
@@ -21,6 +20,7 @@ import torch
 from anatomask_lab.config import pretrain_config
 from anatomask_lab.masking import anatomask_mask
 from anatomask_lab.pretrain import autocast_dtype, build_models, teacher_patch_loss, train_step
+from anatomask_lab.runs import device_name
 
 
 def _sync(device: torch.device) -> None:
@@ -52,7 +52,7 @@ def main() -> None:
     device = torch.device(args.device)
     patch = tuple(args.patch or ((64, 64, 64) if device.type == "cpu" else (112, 112, 128)))
     preset = args.size if args.size in ("tiny", "S", "B", "L", "H") else "B"
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
+    name = device_name(device)
     print(f"device: {device} ({name}); STU-Net-{args.size}, patch {patch}, batch {args.batch}, backend "
           f"{args.backend}, amp {args.amp}, torch {torch.__version__}, threads {torch.get_num_threads()}")
 

@@ -4,6 +4,18 @@ from __future__ import annotations
 
 import pytest
 
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread per test (restored after): 2 threads per pytest-xdist worker on 2 cores oversubscribe."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 TINY_CLASSES = ["liver", "spleen", "kidney_left", "kidney_right", "aorta"]
 
 

@@ -18,6 +18,8 @@ from anatomask_lab.losses import deep_supervision_loss, deep_supervision_weights
 from anatomask_lab.predict import predict_split, write_reference_labels
 from anatomask_lab.runs import load_checkpoint, read_metrics
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def test_gaussian_importance_and_windows():
     g = gaussian_importance((16, 17, 18))
@@ -143,3 +145,24 @@ def test_bad_finetune_config():
         finetune.finetune_config("tiny", fg_oversample=1.5)
     with pytest.raises(ValueError, match="unknown finetuning parameter"):
         finetune.finetune_config("tiny", learning_rate=1)
+
+
+def test_rotate_scale_augmentation():
+    from anatomask_lab.augment import random_rotate_scale, rotation_matrices
+
+    r = rotation_matrices(torch.tensor([[0.3, -0.2, 1.1]]))[0]
+    assert torch.allclose(r @ r.T, torch.eye(3), atol=1e-6) and float(torch.det(r)) == pytest.approx(1.0)
+    g = torch.Generator().manual_seed(0)
+    image = torch.randn(6, 1, 16, 16, 16, generator=g)
+    label = (image[:, 0] > 0).long()
+    same_i, same_l = random_rotate_scale(image, label, p=0.0, generator=g)
+    assert torch.equal(same_i, image) and torch.equal(same_l, label)
+    out_i, out_l = random_rotate_scale(image, label, p=1.0, generator=g)
+    assert out_i.shape == image.shape and out_l.dtype == label.dtype
+    assert not torch.equal(out_i, image)
+    assert set(out_l.unique().tolist()) <= {0, 1}
+    # labels follow the image: where the rotated image is clearly positive, the label is 1
+    inside = out_i[:, 0] > 1.0
+    assert (out_l[inside] == 1).float().mean() > 0.9
+    with pytest.raises(ValueError, match="p must"):
+        random_rotate_scale(image, label, p=2.0)

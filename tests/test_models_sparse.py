@@ -19,13 +19,7 @@ GRID = (2, 2, 3)
 STRIDES5 = normalize_strides(None, 5)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread per test (restored after): 2 threads per pytest-xdist worker on 2 cores oversubscribe."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_encoder(pooling="sample", strides=STRIDES5, seed=0, **kw) -> SparseEncoder:

@@ -10,13 +10,7 @@ from anatomask_lab.models import SIZES, STUNetSpec, build_mim, build_stunet, enc
 SMALL = STUNetSpec((4, 8, 8, 16, 16, 16), (1, 2, 1, 1, 1, 1), 32)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread per test (restored after): 2 threads per pytest-xdist worker on 2 cores oversubscribe."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def n_params(model: torch.nn.Module) -> int:

@@ -50,8 +50,10 @@ def _smoke_params(name: str, data: Path, tmp: Path) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
-def test_notebook_runs_at_smoke_scale(path, tiny_dataset, tmp_path):
+def test_notebook_runs_at_smoke_scale(path, tiny_dataset, tmp_path, monkeypatch):
     import papermill as pm
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the kernel shares 2 cores with another pytest worker
 
     out = tmp_path / path.name
     pm.execute_notebook(str(path), str(out), parameters=_smoke_params(path.name, tiny_dataset, tmp_path),

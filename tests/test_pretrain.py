@@ -25,6 +25,8 @@ from anatomask_lab.runs import load_checkpoint, read_metrics
 
 PATCH = (32, 32, 32)
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _cfg(data, out, **kw):
     base = dict(data_dir=str(data), out_dir=str(out), patch_size=PATCH, epochs=3, iters_per_epoch=3, batch_size=2,
