@@ -62,14 +62,20 @@ def slice_of(volume: np.ndarray, axis: int, index: int) -> np.ndarray:
     return img if axis == 2 else img[::-1]
 
 
-def mean_intensity_patch_loss(volume_dhw: np.ndarray, patch: int = 16) -> np.ndarray:
+def mean_intensity_patch_loss(volume_dhw: np.ndarray, patch: int = 16,
+                              window: tuple[float, float] | None = None) -> np.ndarray:
     """Per-patch loss ``[*grid]`` of a predictor that only knows each patch's mean intensity (= patch variance).
 
-    A model-free stand-in for a teacher's ranking: textured anatomy scores high, air and fat score low.
+    A model-free stand-in for a teacher's ranking. With ``window`` the intensities are first clipped to it (e.g. a
+    soft-tissue window of -200..300 HU), so that the air-body and bone edges do not outrank the texture inside
+    organs.
     """
     from anatomask_lab.masking import patch_mean
 
-    x = torch.as_tensor(np.ascontiguousarray(volume_dhw), dtype=torch.float32)[None, None]
+    vol = np.asarray(volume_dhw, dtype=np.float32)
+    if window is not None:
+        vol = np.clip(vol, *window)
+    x = torch.as_tensor(np.ascontiguousarray(vol))[None, None]
     mean = patch_mean(x, patch)
     sq = patch_mean(x * x, patch)
     return (sq - mean * mean).clamp_min(0)[0].numpy()

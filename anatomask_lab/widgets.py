@@ -24,7 +24,7 @@ class MaskExplorer:
         volume_dhw: CT volume (HU or normalised); centre-cropped to multiples of ``patch``.
         labels_dhw: organ label map of the same shape (0 = background), for the organ share; optional.
         patch_loss: per-patch losses ``[*grid]`` that rank the patches (e.g. a teacher's); defaults to the loss of
-            a mean-intensity predictor (:func:`anatomask_lab.viz.mean_intensity_patch_loss`).
+            a mean-intensity predictor within the display window (:func:`anatomask_lab.viz.mean_intensity_patch_loss`).
         patch: patch size in voxels (16 for STU-Net's 5 pretrained stages).
         seed: the masks are drawn from a generator reseeded with it on every update, so that moving one slider
             changes only what that slider controls.
@@ -37,13 +37,15 @@ class MaskExplorer:
         self.labels = None if labels_dhw is None else crop_to_multiple(np.asarray(labels_dhw), patch)
         self.patch, self.seed = patch, seed
         self.grid = tuple(s // patch for s in self.volume.shape)
-        loss = mean_intensity_patch_loss(self.volume, patch) if patch_loss is None else np.asarray(patch_loss)
+        lo, hi = window or (float(np.percentile(self.volume, 1)), float(np.percentile(self.volume, 99)))
+        self.window = (lo, hi)
+        if patch_loss is None:
+            patch_loss = mean_intensity_patch_loss(self.volume, patch, self.window)
+        loss = np.asarray(patch_loss)
         if loss.shape != self.grid:
             raise ValueError(f"patch_loss has shape {loss.shape}, expected the grid {self.grid}")
         self.patch_loss = torch.as_tensor(loss, dtype=torch.float32)[None]
         self.organ = None if self.labels is None else organ_patches(self.labels, patch)
-        lo, hi = window or (float(np.percentile(self.volume, 1)), float(np.percentile(self.volume, 99)))
-        self.window = (lo, hi)
 
         self.gamma = W.FloatSlider(value=0.6, min=0.05, max=0.95, step=0.05, description="gamma")
         self.r_t = W.FloatSlider(value=0.5, min=0.0, max=1.0, step=0.05, description="r_t")
