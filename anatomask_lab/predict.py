@@ -106,6 +106,8 @@ def add_cli(subparsers) -> None:
     p.add_argument("--mirror", action="store_true", help="mirror test-time augmentation (8 flips)")
     p.add_argument("--which", choices=["best", "last"], default="best")
     p.add_argument("--device", default="auto")
+    p.add_argument("--reference", default=None, metavar="DIR",
+                   help="also write the split's ground-truth label maps in the same geometry (for `evaluate --gt`)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cli)
 
@@ -115,4 +117,7 @@ def _cli(args) -> int:
         files = predict_split(args.model, args.data, args.out, split=args.split, overlap=args.overlap,
                               mirror=args.mirror, device=args.device, which=args.which, quiet=args.quiet)
     print(f"wrote {len(files)} predictions to {args.out}")
+    if args.reference:
+        refs = write_reference_labels(args.data, args.reference, split=args.split, quiet=args.quiet)
+        print(f"wrote {len(refs)} reference label maps to {args.reference}")
     return 0

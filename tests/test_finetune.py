@@ -166,3 +166,21 @@ def test_rotate_scale_augmentation():
     assert (out_l[inside] == 1).float().mean() > 0.9
     with pytest.raises(ValueError, match="p must"):
         random_rotate_scale(image, label, p=2.0)
+
+
+@pytest.mark.slow
+def test_cli_finetune_predict_evaluate(tiny_dataset, pretrained, tmp_path, capsys):
+    from anatomask_lab.cli import main
+
+    ft, pred, gt = tmp_path / "ft", tmp_path / "pred", tmp_path / "gt"
+    assert main(["finetune", "--preset", "tiny", "--data", str(tiny_dataset), "--init", str(pretrained), "--out",
+                 str(ft), "--epochs", "1", "--iters-per-epoch", "1", "--device", "cpu", "--quiet"]) == 0
+    assert len(json.loads((ft / "init_report.json").read_text())["loaded"]) > 0
+    assert main(["predict", "--model", str(ft), "--data", str(tiny_dataset), "--out", str(pred), "--reference",
+                 str(gt), "--device", "cpu", "--quiet"]) == 0
+    assert main(["evaluate", "--pred", str(pred), "--gt", str(gt), "--labels", str(tiny_dataset / "dataset.json"),
+                 "--tolerances", "4", "--quiet"]) == 0
+    assert (pred / "evaluation" / "per_case.csv").exists() and (pred / "evaluation" / "summary.md").exists()
+    # a missing model folder is a clear error, not a traceback
+    assert main(["predict", "--model", str(tmp_path / "nope"), "--data", str(tiny_dataset), "--out", str(pred)]) == 2
+    assert "nope" in capsys.readouterr().err
