@@ -54,7 +54,7 @@ def run_demo(out: str | Path = "demo_out", *, cases: int = 16, pretrain_epochs: 
     from anatomask_lab.runs import read_metrics
     from anatomask_lab.viz import loss_curves
 
-    out = Path(out)
+    out = Path(out).resolve()  # absolute: the notebooks run with their own working directory
     report = out / "report"
     report.mkdir(parents=True, exist_ok=True)
     timings: list[dict[str, Any]] = []

@@ -11,7 +11,7 @@ import copy
 import torch
 from torch import nn
 
-__all__ = ["frozen_random_teacher", "make_teacher", "momentum_at", "update_momentum"]
+__all__ = ["make_teacher", "momentum_at", "update_momentum"]
 
 
 def make_teacher(student: nn.Module) -> nn.Module:
@@ -19,20 +19,6 @@ def make_teacher(student: nn.Module) -> nn.Module:
     teacher = copy.deepcopy(student)
     teacher.eval()
     teacher.requires_grad_(False)
-    return teacher
-
-
-def frozen_random_teacher(student: nn.Module, seed: int) -> nn.Module:
-    """The 'no self-distillation' ablation: a randomly initialised copy that is never updated.
-
-    The weights are re-drawn with their modules' own initialisers under ``seed`` (the student keeps its weights).
-    """
-    teacher = make_teacher(student)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for module in teacher.modules():
-            if module is not teacher and hasattr(module, "reset_parameters"):
-                module.reset_parameters()
     return teacher
 
 

@@ -28,6 +28,14 @@ def test_committed_clean_with_parameters_cell(path):
     tagged = [c for c in cells if "parameters" in c.get("metadata", {}).get("tags", [])]
     assert len(tagged) == 1, f"{path.name} needs exactly one cell tagged 'parameters'"
     assert "import anatomask_lab" in "".join(cells[1]["source"]) or "from anatomask_lab" in "".join(cells[1]["source"])
+    # papermill sees every parameter (a comment it cannot parse hides the line from `papermill --help-notebook`)
+    import ast
+
+    import papermill as pm
+
+    assigned = {t.id for node in ast.parse("".join(tagged[0]["source"])).body if isinstance(node, ast.Assign)
+                for t in node.targets if isinstance(t, ast.Name)}
+    assert set(pm.inspect_notebook(str(path))) == assigned
     # thin notebooks: no function longer than a few lines
     for c in cells:
         src = "".join(c["source"])
