@@ -10,10 +10,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from anatomask_lab.ema import momentum_at, update_momentum
+from anatomask_lab.config import MaskingConfig, PretrainConfig
+from anatomask_lab.ema import momentum_at
 from anatomask_lab.masking import anatomical_ratio, mask_counts, patch_mean, random_mask
 from anatomask_lab.models import mim_loss
-from anatomask_lab.pretrain import mim_step
+from anatomask_lab.pretrain import make_optimizer, train_step
 
 __all__ = ["SelfDistillationTrace", "average_patch_loss", "organ_share", "roc_auc", "trace_self_distillation"]
 
@@ -28,7 +29,7 @@ def average_patch_loss(model: nn.Module, x_bcdhw: torch.Tensor, gamma: float = 0
     """
     model.eval()
     g = torch.Generator(device=x_bcdhw.device).manual_seed(seed)
-    grid = tuple(s // 16 for s in x_bcdhw.shape[2:])
+    grid = model.grid(x_bcdhw.shape[2:])
     total = torch.zeros((x_bcdhw.shape[0], *grid), device=x_bcdhw.device)
     count = torch.zeros_like(total)
     for _ in range(n_masks):
@@ -60,8 +61,9 @@ def roc_auc(scores: np.ndarray, positive: np.ndarray) -> float:
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def organ_share(mask_bg: torch.Tensor, label_bdhw: torch.Tensor, patch: int = 16) -> float:
-    """Share of masked patches that contain at least one labelled voxel."""
+def organ_share(mask_bg: torch.Tensor, label_bdhw: torch.Tensor) -> float:
+    """Share of masked patches that contain at least one labelled voxel (the patch size follows from the grid)."""
+    patch = tuple(s // g for s, g in zip(label_bdhw.shape[1:], mask_bg.shape[1:], strict=True))
     organ_bg = patch_mean((label_bdhw > 0).float()[:, None], patch) > 0
     return float((mask_bg & organ_bg).sum()) / max(int(mask_bg.sum()), 1)
 
@@ -87,12 +89,16 @@ class SelfDistillationTrace:
 def trace_self_distillation(student: nn.Module, teacher: nn.Module, batches, *, steps: int, gamma: float = 0.6,
                             r0: float = 0.0, rT: float = 0.5, lr: float = 1e-3, ema: bool = True,
                             m0: float = 0.99, m1: float = 0.999, seed: int = 0) -> SelfDistillationTrace:
-    """Run ``steps`` AnatoMask iterations by hand and record what the notebook explains.
+    """Run ``steps`` AnatoMask iterations with the real :func:`anatomask_lab.pretrain.train_step` and record what
+    the notebook explains.
 
     ``batches`` yields dicts with "image" ``[B, C, *patch]`` and "label" ``[B, *patch]``. With ``ema=False`` the
-    teacher stays frozen (the no-self-distillation ablation). r_t advances per iteration from r0 to rT.
+    teacher stays frozen (the no-self-distillation ablation). r_t advances per iteration from r0 to rT; the
+    optimiser, clipping and EMA update are those of pretraining (AdamW, ``grad_clip``), at a constant ``lr``.
     """
-    opt = torch.optim.AdamW(student.parameters(), lr=lr)
+    cfg = PretrainConfig(masking=MaskingConfig(gamma=gamma, r0=r0, rT=rT), lr=lr)
+    opt = make_optimizer(student, cfg)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
     g = torch.Generator().manual_seed(seed)
     trace = SelfDistillationTrace()
     it = iter(batches)
@@ -100,20 +106,16 @@ def trace_self_distillation(student: nn.Module, teacher: nn.Module, batches, *, 
         batch = next(it)
         x, y = batch["image"], batch["label"]
         r_t = anatomical_ratio(step, max(steps - 1, 1), r0, rT)
-        student.train()
-        res = mim_step(student, teacher, x, gamma=gamma, r_t=r_t, generator=g)
-        opt.zero_grad(set_to_none=True)
-        res.loss.backward()
-        opt.step()
         m = momentum_at(step / steps, m0, m1)
-        if ema:
-            update_momentum(student, teacher, m)
+        student.train()
+        res = train_step(student, student, teacher, opt, scaler, x, cfg=cfg, r_t=r_t, m=m if ema else None,
+                         generator=g)
         n = int(np.prod(res.student_mask.shape[1:]))
         trace.step.append(step)
         trace.r_t.append(r_t)
         trace.n_top.append(mask_counts(n, gamma, r_t)[1])
         trace.momentum.append(m if ema else 1.0)
-        trace.student_loss.append(float(res.loss))
+        trace.student_loss.append(float(res.loss.detach()))
         trace.teacher_loss.append(float(res.teacher_loss))
         trace.organ_share_student.append(organ_share(res.student_mask, y))
         trace.organ_share_teacher.append(organ_share(res.teacher_mask, y))

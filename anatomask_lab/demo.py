@@ -47,11 +47,12 @@ def run_demo(out: str | Path = "demo_out", *, cases: int = 16, pretrain_epochs: 
         quick: a smoke-sized run (used by the tests).
     """
     from anatomask_lab import finetune, pretrain
-    from anatomask_lab.evaluate import evaluate_folders, load_class_table
+    from anatomask_lab.data.dataset import DatasetInfo
+    from anatomask_lab.evaluate import evaluate_folders
     from anatomask_lab.lab import DEMO_CLASSES, ensure_phantom_dataset
     from anatomask_lab.predict import predict_split, write_reference_labels
     from anatomask_lab.report import compare_runs, write_summary
-    from anatomask_lab.runs import read_metrics
+    from anatomask_lab.runs import is_finished, read_metrics
     from anatomask_lab.viz import loss_curves
 
     out = Path(out).resolve()  # absolute: the notebooks run with their own working directory
@@ -77,7 +78,7 @@ def run_demo(out: str | Path = "demo_out", *, cases: int = 16, pretrain_epochs: 
     for method in ("anatomask", "spark"):
         folder = runs / f"pretrain_{method}"
         with _step(f"pretrain {method} ({pretrain_epochs} x {pretrain_iters} iterations)", timings):
-            if not (folder / "checkpoints" / "last.pt").exists():
+            if not is_finished(folder):
                 pretrain.run(pretrain.pretrain_config("tiny", method=method, out_dir=str(folder), **common))
 
     ft_common = dict(data_dir=str(data), patch_size=(64, 64, 64), epochs=finetune_epochs,
@@ -88,14 +89,14 @@ def run_demo(out: str | Path = "demo_out", *, cases: int = 16, pretrain_epochs: 
     gt = out / "eval" / "reference"
     with _step("reference labels of the test split (original geometry)", timings):
         write_reference_labels(data, gt)
-    classes = load_class_table(data / "dataset.json")
+    classes = DatasetInfo.read(data).class_table()
     tolerance = prep_spacing[0]  # NSD tolerance: one voxel of the training grid (TotalSegmentator: 3 mm at 1.5 mm)
     per_case: dict[str, list[dict[str, Any]]] = {}
     for name, init in inits.items():
         folder = runs / f"finetune_{name.lower()}"
         with _step(f"finetune from {name} ({finetune_epochs} x {finetune_iters} iterations), predict, evaluate",
                    timings):
-            if not (folder / "checkpoints" / "last.pt").exists():
+            if not is_finished(folder):
                 finetune.run(finetune.finetune_config("tiny", out_dir=str(folder), init=init, **ft_common))
             pred = out / "eval" / name.lower()
             predict_split(folder, data, pred, device="cpu", quiet=True)

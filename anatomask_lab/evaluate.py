@@ -6,10 +6,10 @@ case the prediction and ground truth must agree in shape, voxel spacing (zooms, 
 outputs (``per_case.csv``, ``per_class.csv``, ``summary.md``, ``summary.json``) from
 :func:`anatomask_lab.report.write_summary`.
 
-Class table: ``--labels`` (a JSON file: nnU-Net ``dataset.json`` with ``"labels": {"liver": 1, ...}``, MSD style
-``{"1": "liver", ...}``, or such a mapping at top level); without it, FLARE22's 13 organs for ``--tolerances
-flare22`` and otherwise every label found, named ``label_<k>`` (a case without a label then scores it as the
-empty-vs-empty convention says).
+Class table: ``--labels`` (a prepared dataset folder, or a JSON file: nnU-Net ``dataset.json`` with ``"labels":
+{"liver": 1, ...}``, MSD style ``{"1": "liver", ...}``, or such a mapping at top level); without it, FLARE22's 13
+organs for ``--tolerances flare22`` and otherwise every label found, named ``label_<k>`` (a case without a label
+then scores it as the empty-vs-empty convention says).
 """
 
 from __future__ import annotations
@@ -106,7 +106,19 @@ def _check_geometry(pred_path: Path, gt_path: Path, pred: tuple, gt: tuple) -> N
 
 
 def load_class_table(path: str | Path) -> dict[int, str]:
-    """label -> class name from a JSON file (nnU-Net / MSD ``dataset.json`` or a plain mapping); 0 is dropped."""
+    """label -> class name; 0 is dropped.
+
+    Args:
+        path: a prepared dataset folder (read with :class:`~anatomask_lab.data.dataset.DatasetInfo`), or a JSON
+            file: nnU-Net / MSD ``dataset.json`` or a plain mapping.
+
+    Raises:
+        ValueError: an unreadable class table, naming the file.
+    """
+    if Path(path).is_dir():
+        from anatomask_lab.data.dataset import DatasetInfo
+
+        return DatasetInfo.read(path).class_table()
     with open(path) as handle:
         content = json.load(handle)
     table = content.get("labels", content) if isinstance(content, Mapping) else content
@@ -224,7 +236,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--pred", required=True, type=Path, help="folder of predicted label maps (*.nii.gz)")
     parser.add_argument("--gt", required=True, type=Path, help="folder of ground-truth label maps, same names")
-    parser.add_argument("--labels", type=Path, help="JSON class table or dataset.json (default: labels found)")
+    parser.add_argument("--labels", type=Path,
+                        help="prepared dataset folder, JSON class table or dataset.json (default: labels found)")
     parser.add_argument("--tolerances", type=_tolerance_arg, default="totalseg",
                         help="NSD tolerance: totalseg (3 mm), flare22 (per-organ table) or mm (default totalseg)")
     parser.add_argument("--convention", choices=metrics.CONVENTIONS,

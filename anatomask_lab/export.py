@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from anatomask_lab.models import build_stunet, load_encoder_weights
-from anatomask_lab.runs import load_checkpoint, save_checkpoint
+from anatomask_lab.runs import checkpoint_path, encoder_from_state, load_checkpoint, save_checkpoint
 
 __all__ = ["STUNET_KEY_PREFIXES", "export_encoder", "to_stunet_keys"]
 
@@ -43,14 +43,11 @@ def to_stunet_keys(state: dict[str, Any]) -> dict[str, Any]:
 
 
 def _pretrain_state(ckpt: str | Path) -> tuple[dict[str, Any], dict[str, Any], Path]:
-    path = Path(ckpt)
-    if path.is_dir():
-        path = path / "checkpoints" / "last.pt"
+    path = checkpoint_path(ckpt)
     state = load_checkpoint(path)
     if "student" not in state or "config" not in state:
         raise ValueError(f"{path}: not a pretraining checkpoint (no 'student'/'config' entries)")
-    encoder = {k[len("encoder."):]: v for k, v in state["student"].items() if k.startswith("encoder.")}
-    return encoder, state["config"], path
+    return encoder_from_state(state, path), state["config"], path
 
 
 def export_encoder(ckpt: str | Path, out: str | Path, naming: str = "anatomask", num_classes: int = 105,

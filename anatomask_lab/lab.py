@@ -20,11 +20,12 @@ def ensure_phantom_dataset(data_dir: str | Path, *, cases: int = 8, shape=(96, 9
                            progress: bool = False) -> Path:
     """A prepared phantom dataset at ``data_dir``: reused when its ``dataset.json`` exists, else generated (the
     release layout goes to ``<data_dir>_release``) and prepared with the TotalSegmentator preparer."""
+    from anatomask_lab.data.dataset import DatasetInfo
     from anatomask_lab.data.phantom import generate_cohort
     from anatomask_lab.data.prepare import totalsegmentator
 
     data_dir = Path(data_dir)
-    if (data_dir / "dataset.json").is_file():
+    if DatasetInfo.exists(data_dir):
         return data_dir
     release = data_dir.with_name(data_dir.name + "_release")
     generate_cohort(release, cases, seed=seed, shape=shape, spacing=spacing, progress=progress)
@@ -33,12 +34,15 @@ def ensure_phantom_dataset(data_dir: str | Path, *, cases: int = 8, shape=(96, 9
 
 
 def patch_batches(data_dir: str | Path, *, patch_size=(64, 64, 64), batch_size: int = 2, split: str = "train",
-                  fg_oversample: float = 0.5, seed: int = 0) -> Iterator[dict[str, torch.Tensor]]:
-    """Endless labelled patch batches (``image`` [B, C, *patch], ``label`` [B, *patch]), a new epoch each pass."""
+                  fg_oversample: float = 0.5, flips: bool = True, seed: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless labelled patch batches (``image`` [B, C, *patch], ``label`` [B, *patch]), a new epoch each pass.
+
+    ``flips=False`` keeps the stored (RAS) orientation, for patches that are displayed.
+    """
     from anatomask_lab.data.sampler import PatchDataset
 
     dataset = PatchDataset(data_dir, split=split, patch_size=patch_size, with_label=True, fg_oversample=fg_oversample,
-                           seed=seed, samples_per_epoch=batch_size * 8)
+                           flips=flips, seed=seed, samples_per_epoch=batch_size * 8)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=True)
     epoch = 0
     while True:
@@ -51,16 +55,15 @@ def load_pretrained_mim(run_dir: str | Path, which: str = "student") -> torch.nn
     """The student (or ``which="teacher"``) MIM model of a pretraining run folder or checkpoint, in eval mode."""
     from anatomask_lab.config import config_from_dict
     from anatomask_lab.models import build_mim
-    from anatomask_lab.runs import load_checkpoint
+    from anatomask_lab.runs import checkpoint_path, load_checkpoint
 
-    path = Path(run_dir)
-    path = path / "checkpoints" / "last.pt" if path.is_dir() else path
+    path = checkpoint_path(run_dir)
     state = load_checkpoint(path)
     if state.get(which) is None:
         raise ValueError(f"{path}: no {which!r} weights in this checkpoint")
     m = config_from_dict(state["config"]).model
     model = build_mim(m.size, in_channels=m.in_channels, backend="masked", decoder=m.decoder,
-                      norm_pooling=m.norm_pooling, decoder_width=m.decoder_width)
+                      norm_pooling=m.norm_pooling, decoder_width=m.decoder_width, strides=m.strides)
     model.load_state_dict(state[which])
     return model.eval()
 

@@ -1,9 +1,10 @@
-"""AnatoMask's masking core: random masks, reconstruction-guided masks, the masking dynamics and patch helpers.
+"""AnatoMask's masking core: random masks, reconstruction-guided masks, the masking dynamics, patch helpers and
+the active (visible) voxel maps that sparse execution derives from a mask.
 
 A mask is a boolean tensor ``mask_bg`` of shape ``[B, *grid]`` with one entry per patch (one patch = the encoder's
 total downsampling, 16 voxels per axis for STU-Net); ``True`` means *masked*, i.e. hidden from the student.
 
-Counting rules (those of the authors' code, see ``shared/reference/method-notes.md``):
+Counting rules (those of the authors' code; ``docs/method.md``, section "Counting rules of the mask"):
 
 * ``n`` grid cells, ``n_visible = round(n * (1 - gamma))`` (Python's round: halves go to the even integer),
   ``n_masked = n - n_visible``; every sample in a batch has exactly ``n_masked`` masked patches.
@@ -23,8 +24,10 @@ from collections.abc import Sequence
 import torch
 
 __all__ = [
+    "active_maps",
     "anatomask_mask",
     "anatomical_ratio",
+    "check_mask",
     "mask_counts",
     "mask_to_voxels",
     "patch_grid",
@@ -307,3 +310,58 @@ def patch_loss(
         var = target_bgp.var(dim=-1, keepdim=True)  # unbiased, as SparK's normalisation
         target_bgp = (target_bgp - mean) / torch.sqrt(var + eps)
     return (pred_bgp - target_bgp).pow(2).mean(dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# masks for sparse execution
+# ----------------------------------------------------------------------------------------------------------------
+def check_mask(mask_bg: torch.Tensor, x_bcdhw: torch.Tensor, patch: Sequence[int]) -> tuple[int, ...]:
+    """Check that a patch mask fits an input; returns the patch grid.
+
+    Args:
+        mask_bg: the mask, expected bool ``[B, *grid]`` (True = masked).
+        x_bcdhw: the input ``[B, C, *spatial]`` it masks.
+        patch: voxels per patch along each spatial axis, so that ``grid = spatial // patch``.
+
+    Returns:
+        The grid ``spatial // patch`` as a tuple.
+
+    Raises:
+        ValueError: naming the shapes, for a non-bool mask or a grid / batch that does not match the input.
+    """
+    grid = tuple(s // p for s, p in zip(x_bcdhw.shape[2:], patch, strict=True))
+    if not isinstance(mask_bg, torch.Tensor) or mask_bg.dtype != torch.bool:
+        got = mask_bg.dtype if isinstance(mask_bg, torch.Tensor) else type(mask_bg).__name__
+        raise ValueError(f"mask must be a bool tensor [B, *grid], got {got}")
+    if tuple(mask_bg.shape) != (x_bcdhw.shape[0], *grid):
+        raise ValueError(
+            f"mask of shape {tuple(mask_bg.shape)} does not match input {tuple(x_bcdhw.shape)}: expected "
+            f"{(x_bcdhw.shape[0], *grid)} (grid = spatial // patch {tuple(patch)})"
+        )
+    return grid
+
+
+def active_maps(
+    mask_bg: torch.Tensor, patch: Sequence[int], strides: Sequence[Sequence[int]]
+) -> list[torch.Tensor]:
+    """Active (visible) voxels at the input resolution and after every encoder stage.
+
+    At cumulative stride ``s`` a patch covers ``patch // s`` voxels per axis, so the active map there is
+    ``mask_to_voxels(~mask_bg, patch // s)``. With ``grid * patch`` the input's spatial size, map ``k`` has the
+    spatial size of stage ``k - 1``'s output.
+
+    Args:
+        mask_bg: bool ``[B, *grid]``, True = masked.
+        patch: voxels per patch along each axis (the product of ``strides``, per axis).
+        strides: per-stage strides, each a tuple with one int per axis.
+
+    Returns:
+        ``len(strides) + 1`` bool maps ``[B, *S_k]``: ``S_0 = grid * patch`` (the input), then ``S_k = S_{k-1} //
+        strides[k-1]``; True = active (visible).
+    """
+    visible_bg = ~mask_bg
+    maps, cum = [], (1,) * len(patch)
+    for stride in [(1,) * len(patch), *strides]:
+        cum = tuple(c * s for c, s in zip(cum, stride, strict=True))
+        maps.append(mask_to_voxels(visible_bg, tuple(p // c for p, c in zip(patch, cum, strict=True))))
+    return maps

@@ -40,6 +40,8 @@ from types import MappingProxyType
 import numpy as np
 from scipy import ndimage
 
+from anatomask_lab.data.prepare.flare22 import CLASSES as _FLARE22_TABLE
+
 __all__ = [
     "CONVENTIONS",
     "FLARE22_CLASSES",
@@ -56,10 +58,8 @@ __all__ = [
 
 CONVENTIONS: tuple[str, ...] = ("totalseg", "flare")
 TOTALSEG_TOLERANCE_MM = 3.0
-FLARE22_CLASSES: Mapping[int, str] = MappingProxyType({
-    1: "liver", 2: "right_kidney", 3: "spleen", 4: "pancreas", 5: "aorta", 6: "ivc", 7: "right_adrenal",
-    8: "left_adrenal", 9: "gallbladder", 10: "esophagus", 11: "stomach", 12: "duodenum", 13: "left_kidney",
-})
+#: FLARE22 label -> organ name, from the preparer's table (the release's own names and label values).
+FLARE22_CLASSES: Mapping[int, str] = MappingProxyType(dict(enumerate(_FLARE22_TABLE, start=1)))
 FLARE22_TOLERANCES_MM: Mapping[int, float] = MappingProxyType({
     1: 5.0, 2: 3.0, 3: 3.0, 4: 5.0, 5: 2.0, 6: 2.0, 7: 2.0, 8: 2.0, 9: 2.0, 10: 3.0, 11: 5.0, 12: 7.0, 13: 3.0,
 })

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from anatomask_lab.finetune import load_segmenter
 from anatomask_lab.inference import sliding_window_predict
-from anatomask_lab.pretrain import resolve_device
+from anatomask_lab.runtime import resolve_device
 
 __all__ = ["predict_split", "write_reference_labels"]
 
@@ -23,20 +23,25 @@ def predict_split(model_run: str | Path, data_dir: str | Path, out_dir: str | Pa
 
     Each prediction is argmax of the Gaussian-weighted softmax on the preprocessed grid, mapped back to the original
     grid by nearest neighbour and written as ``<out_dir>/<case>.nii.gz`` with the original affine.
+
+    Raises:
+        DataError: ``dataset.json`` is missing or malformed, an unknown split, or a case not in the dataset.
+        ValueError: the model's channels or classes differ from the dataset's, or there is nothing to predict.
     """
-    from anatomask_lab.data.preprocess import write_prediction
-    from anatomask_lab.data.sampler import load_case, read_dataset_json
+    from anatomask_lab.data.dataset import DatasetInfo
+    from anatomask_lab.data.resample import write_prediction
+    from anatomask_lab.data.sampler import load_case
 
     dev = resolve_device(device)
     model, cfg = load_segmenter(model_run, which=which, device=dev)
-    meta = read_dataset_json(data_dir)
-    if len(meta["channels"]) != model.in_channels:
+    info = DatasetInfo.read(data_dir)
+    if info.in_channels != model.in_channels:
         raise ValueError(f"model {model_run} takes {model.in_channels} channels, dataset {data_dir} has "
-                         f"{len(meta['channels'])}")
-    if len(meta["labels"]) != model.num_classes:
+                         f"{info.in_channels}")
+    if info.num_classes != model.num_classes:
         raise ValueError(f"model {model_run} predicts {model.num_classes} classes, dataset {data_dir} has "
-                         f"{len(meta['labels'])}")
-    ids = cases if cases is not None else list(meta["splits"][split])
+                         f"{info.num_classes}")
+    ids = [info.case(c).id for c in cases] if cases is not None else list(info.split(split))
     if not ids:
         raise ValueError(f"split {split!r} of {data_dir} has no cases")
     out = Path(out_dir)
@@ -56,43 +61,18 @@ def write_reference_labels(data_dir: str | Path, out_dir: str | Path, *, split: 
                            quiet: bool = True) -> list[Path]:
     """Ground-truth label maps of a split in the original geometry, with the prepared dataset's class ids.
 
-    Sources with one label file per case (FLARE22, AMOS22, AutoPET) are copied as they are: their preparers keep
-    the data set's own label ids (a class subset that renumbers them is not supported here). TotalSegmentator-layout
-    sources (one mask per structure in ``segmentations/``) are merged like the preparer
-    merges them (``class_sources`` patterns, later classes drawn over earlier ones). Prediction and reference then
-    share shape, orientation and affine, as ``anatomask-lab evaluate`` requires.
+    Each case's source labels (a label-map file or per-structure masks) are read and merged by the preparer's own
+    code (:func:`anatomask_lab.data.reference.reference_label`): the same class subset and renumbering, the same
+    overlap rule, at the original resolution. Prediction and reference then share shape, orientation and affine,
+    as ``anatomask-lab evaluate`` requires.
+
+    Raises:
+        DataError: ``dataset.json`` is missing or malformed, an unknown split, an unlabelled case, or unusable
+            source files.
     """
-    import fnmatch
-    import json
+    from anatomask_lab.data.reference import write_reference_labels as write
 
-    import nibabel as nib
-
-    from anatomask_lab.data.io import save_nifti
-
-    info = json.loads((Path(data_dir) / "dataset.json").read_text())
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for case in tqdm(info["splits"][split], desc=f"reference {split}", disable=quiet, unit="case"):
-        meta = json.loads((Path(data_dir) / "cases" / case / "meta.json").read_text())
-        image_path = Path(meta["source"]["images"][0])
-        ref = nib.load(image_path)
-        if meta["source"].get("label"):
-            label = np.asarray(nib.load(meta["source"]["label"]).dataobj).astype(np.int16)
-        else:
-            seg_dir = image_path.parent / "segmentations"
-            files = sorted(seg_dir.glob("*.nii*"))
-            names = {f.name.split(".nii")[0]: f for f in files}
-            label = np.zeros(ref.shape[:3], np.int16)
-            for name, k in info["labels"].items():
-                for pattern in info["class_sources"].get(name, []):
-                    for struct in fnmatch.filter(names, pattern):
-                        label[np.asarray(nib.load(names[struct]).dataobj) > 0] = k
-        if label.shape != ref.shape[:3]:
-            raise ValueError(f"{case}: reference label shape {label.shape} differs from {image_path} {ref.shape}")
-        written.append(save_nifti(out / f"{case}.nii.gz", label, ref.affine,
-                                  dtype=np.uint8 if label.max(initial=0) < 256 else np.int16))
-    return written
+    return write(data_dir, out_dir, split=split, quiet=quiet)
 
 
 def add_cli(subparsers) -> None:

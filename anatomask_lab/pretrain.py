@@ -29,11 +29,19 @@ from tqdm.auto import tqdm
 from anatomask_lab.config import PretrainConfig, config_from_dict, config_to_dict, pretrain_config
 from anatomask_lab.ema import make_teacher, momentum_at, update_momentum
 from anatomask_lab.masking import anatomask_mask, anatomical_ratio, mask_counts, random_mask
-from anatomask_lab.models import build_mim, mim_loss
-from anatomask_lab.runs import MetricsLog, code_version, load_checkpoint, save_checkpoint, write_json_atomic
+from anatomask_lab.models import MIMModel, build_mim, mim_loss
+from anatomask_lab.runs import (
+    MetricsLog,
+    checkpoint_path,
+    code_version,
+    load_checkpoint,
+    save_checkpoint,
+    write_json_atomic,
+)
+from anatomask_lab.runtime import autocast, autocast_dtype, optimizer_step, resolve_device
 from anatomask_lab.schedules import warmup_cosine_lr
 
-__all__ = ["StepResult", "build_models", "mim_step", "run", "resolve_device", "autocast_dtype"]
+__all__ = ["StepResult", "build_models", "make_optimizer", "mim_step", "run", "teacher_patch_loss", "train_step"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -64,7 +72,7 @@ def teacher_patch_loss(
         ``(patch_loss_bg, teacher_mask_bg, teacher_loss)``: losses ``[B, *grid]`` with ``-inf`` on the patches the
         teacher saw (not scored), its mask, and its scalar loss over the masked patches.
     """
-    b, grid = x_bcdhw.shape[0], _grid(x_bcdhw)
+    b, grid = x_bcdhw.shape[0], _unwrap(teacher).grid(x_bcdhw.shape[2:])
     with torch.no_grad():
         t_mask_bg = random_mask(b, grid, gamma, generator=generator, device=x_bcdhw.device)
         recon = teacher(x_bcdhw, t_mask_bg)
@@ -86,9 +94,10 @@ def mim_step(
 ) -> StepResult:
     """Forward of one MIM step (the caller runs backward and the optimiser).
 
-    With ``teacher=None`` this is SparK (random masking); otherwise AnatoMask with that teacher.
+    With ``teacher=None`` this is SparK (random masking); otherwise AnatoMask with that teacher. ``student`` may
+    be wrapped in DistributedDataParallel; the mask grid comes from the model (its total encoder stride).
     """
-    b, grid = x_bcdhw.shape[0], _grid(x_bcdhw)
+    b, grid = x_bcdhw.shape[0], _unwrap(student).grid(x_bcdhw.shape[2:])
     if teacher is None:
         s_mask_bg = random_mask(b, grid, gamma, generator=generator, device=x_bcdhw.device)
         t_patch_bg = t_mask_bg = t_loss = None
@@ -120,51 +129,23 @@ def train_step(
 
     ``model`` is the student or its DDP wrapper; ``m=None`` leaves the teacher as it is (SparK, frozen teacher).
     """
-    device_type = x_bcdhw.device.type
-    with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+    with autocast(x_bcdhw.device, amp_dtype):
         res = mim_step(model, teacher, x_bcdhw, gamma=cfg.masking.gamma, r_t=r_t, generator=generator,
                        order=cfg.masking.order, normalize_ranking=cfg.masking.normalize_ranking)
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(res.loss).backward()
-    scaler.unscale_(optimizer)
-    torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
+    optimizer_step(res.loss, optimizer, scaler, student.parameters(), cfg.grad_clip)
     if m is not None and teacher is not None:
         update_momentum(student, teacher, m)
     return res
 
 
-def _grid(x_bcdhw: torch.Tensor) -> tuple[int, ...]:
-    spatial = tuple(x_bcdhw.shape[2:])
-    if any(s % 16 for s in spatial):
-        raise ValueError(f"input spatial size {spatial} is not a multiple of the total encoder stride 16")
-    return tuple(s // 16 for s in spatial)
+def _unwrap(model: nn.Module) -> MIMModel:
+    """The MIM model inside a DistributedDataParallel wrapper (or the model itself)."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # setup helpers
 # ----------------------------------------------------------------------------------------------------------------
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available")
-    return device
-
-
-def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """Mixed-precision dtype: bf16 on CUDA where supported (a deviation from the fp32 reference), else None."""
-    if amp == "fp32" or (amp == "auto" and device.type != "cuda"):
-        return None
-    if amp == "fp16":
-        return torch.float16
-    if amp == "auto" and not torch.cuda.is_bf16_supported():
-        return torch.float16
-    return torch.bfloat16
-
-
 def build_models(cfg: PretrainConfig, device: torch.device) -> tuple[nn.Module, nn.Module | None]:
     """Student and teacher (None for SparK). The frozen-teacher ablation draws its own random weights."""
     m = cfg.model
@@ -175,6 +156,7 @@ def build_models(cfg: PretrainConfig, device: torch.device) -> tuple[nn.Module, 
         norm_pooling=m.norm_pooling,
         decoder_width=m.decoder_width,
         grad_checkpointing=m.grad_checkpointing,
+        strides=m.strides,
     )
     torch.manual_seed(cfg.seed)
     student = build_mim(m.size, **kwargs).to(device)
@@ -184,6 +166,11 @@ def build_models(cfg: PretrainConfig, device: torch.device) -> tuple[nn.Module, 
         torch.manual_seed(cfg.seed + 1)
         return student, make_teacher(build_mim(m.size, **kwargs).to(device))
     return student, make_teacher(student)
+
+
+def make_optimizer(student: nn.Module, cfg: PretrainConfig) -> torch.optim.Optimizer:
+    """AdamW(0.9, 0.999) with the configured weight decay (the learning rate is set per step by the schedule)."""
+    return torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
 
 
 def _make_loader(cfg: PretrainConfig, world: int, rank: int):
@@ -229,15 +216,14 @@ def _dist_info() -> tuple[int, int, int]:
 def run(cfg: PretrainConfig | None = None, *, resume: bool = False, **overrides: Any) -> Path:
     """Pretrain as ``cfg`` says (or ``pretrain_config(**overrides)``); returns the run folder.
 
-    Writes ``config.json``, ``version.json``, ``metrics.jsonl`` and ``checkpoints/last.pt`` (every
-    ``ckpt_every`` epochs and at the end) under ``cfg.out_dir``. With ``resume=True`` it continues from
-    ``checkpoints/last.pt`` using the configuration stored in the run folder.
+    Writes ``config.json``, ``version.json``, ``metrics.jsonl`` and the last checkpoint (every ``ckpt_every``
+    epochs and at the end; :func:`anatomask_lab.runs.checkpoint_path`) under ``cfg.out_dir``. With
+    ``resume=True`` it continues from that checkpoint using the configuration stored in the run folder.
     """
     out = Path(cfg.out_dir if cfg is not None else overrides.get("out_dir", "runs/pretrain"))
-    ckpt_path = out / "checkpoints" / "last.pt"
     state = None
     if resume:
-        state = load_checkpoint(ckpt_path)
+        state = load_checkpoint(checkpoint_path(out))
         cfg = replace(config_from_dict(state["config"]), out_dir=str(out))
         if state["epoch"] >= cfg.epochs:
             return out
@@ -250,139 +236,139 @@ def run(cfg: PretrainConfig | None = None, *, resume: bool = False, **overrides:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    is_main = rank == 0
     try:
-        return _train(cfg, state, out, device, rank, world, is_main)
+        return _train(cfg, state, out, device, rank, world)
     finally:
         if world > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _train(cfg, state, out: Path, device, rank: int, world: int, is_main: bool) -> Path:
+@dataclass
+class _Run:
+    """What the loop carries: models, optimiser state, data, counters."""
+
+    cfg: PretrainConfig
+    out: Path
+    student: nn.Module
+    teacher: nn.Module | None
+    model: nn.Module  # the student or its DDP wrapper
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    generator: torch.Generator
+    amp_dtype: torch.dtype | None
+    rank: int
+    world: int
+    iters: int
+    n_patches: int
+    epoch: int = 0
+    step: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def ema(self) -> bool:
+        return self.cfg.teacher == "ema" and self.teacher is not None
+
+
+def _setup(cfg: PretrainConfig, state: dict | None, out: Path, device, rank: int, world: int):
     student, teacher = build_models(cfg, device)
-    optimizer = torch.optim.AdamW(
-        student.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay
-    )
+    optimizer = make_optimizer(student, cfg)
     amp_dtype = autocast_dtype(cfg.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     generator = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank)
     dataset, sampler, loader, iters = _make_loader(cfg, world, rank)
-    total_steps = cfg.epochs * iters
-    start_epoch, step = 0, 0
-
+    r = _Run(cfg, out, student, teacher, DistributedDataParallel(student) if world > 1 else student, optimizer,
+             scaler, generator, amp_dtype, rank, world, iters, math.prod(student.grid(cfg.patch_size)))
     if state is not None:
         student.load_state_dict(state["student"])
         if teacher is not None and state.get("teacher") is not None:
             teacher.load_state_dict(state["teacher"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
-        start_epoch, step = state["epoch"], state["step"]
+        r.epoch, r.step = state["epoch"], state["step"]
         if rank < len(state["mask_rng"]):
             generator.set_state(state["mask_rng"][rank])
         torch.set_rng_state(state["torch_rng"])
-    elif is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "checkpoints").mkdir(exist_ok=True)
+    elif r.is_main:
+        checkpoint_path(out).parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out / "config.json", config_to_dict(cfg))
         write_json_atomic(out / "version.json", code_version())
-    log = MetricsLog(out / "metrics.jsonl", enabled=is_main)
-    model = DistributedDataParallel(student) if world > 1 else student
-    n = math.prod(s // 16 for s in cfg.patch_size)
-    ema = cfg.teacher == "ema" and teacher is not None
+    return r, dataset, sampler, loader
 
-    epoch_bar = tqdm(
-        range(start_epoch, cfg.epochs),
-        desc=f"pretrain {cfg.method}",
-        disable=cfg.quiet or not is_main,
-        initial=start_epoch,
-        total=cfg.epochs,
-        unit="epoch",
-    )
+
+def _train(cfg: PretrainConfig, state: dict | None, out: Path, device, rank: int, world: int) -> Path:
+    r, dataset, sampler, loader = _setup(cfg, state, out, device, rank, world)
+    log = MetricsLog(out / "metrics.jsonl", enabled=r.is_main)
+    epoch_bar = tqdm(range(r.epoch, cfg.epochs), desc=f"pretrain {cfg.method}", disable=cfg.quiet or not r.is_main,
+                     initial=r.epoch, total=cfg.epochs, unit="epoch")
     for epoch in epoch_bar:
         dataset.set_epoch(epoch)
         if sampler is not None:
             sampler.set_epoch(epoch)
-        student.train()
-        t_epoch, loss_sum, t_loss_sum, finite = time.perf_counter(), None, None, None
-        it_bar = tqdm(
-            loader,
-            total=iters,
-            leave=False,
-            desc=f"epoch {epoch}",
-            disable=cfg.quiet or not is_main,
-            unit="it",
-        )
-        t_log, n_log = time.perf_counter(), 0
-        for i, batch in enumerate(it_bar):
-            x = batch["image"].to(device, non_blocking=True)
-            progress = step / total_steps
-            t_frac = epoch + (i / iters if cfg.masking.per_iteration else 0.0)
-            r_t = anatomical_ratio(t_frac, cfg.epochs, cfg.masking.r0, cfg.masking.rT)
-            lr = warmup_cosine_lr(step, total_steps, cfg.warmup_epochs * iters, cfg.lr, cfg.warmup_lr)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            m = momentum_at(progress, cfg.momentum0, cfg.momentum1, cfg.momentum_warmup)
-            res = train_step(model, student, teacher, optimizer, scaler, x, cfg=cfg, r_t=r_t, m=m if ema else None,
-                             generator=generator, amp_dtype=amp_dtype)
-            step += 1
-            n_log += x.shape[0]
-            loss_d = res.loss.detach().float()
-            loss_sum = loss_d if loss_sum is None else loss_sum + loss_d
-            finite = torch.isfinite(loss_d) if finite is None else finite & torch.isfinite(loss_d)
-            if res.teacher_loss is not None:
-                t_d = res.teacher_loss.detach().float()
-                t_loss_sum = t_d if t_loss_sum is None else t_loss_sum + t_d
-            if step % cfg.log_every == 0 or i == iters - 1:  # the only host syncs of the loop
-                _check_finite(finite, epoch, step, out)
-                elapsed = time.perf_counter() - t_log
-                rec = dict(
-                    type="step",
-                    epoch=epoch,
-                    step=step,
-                    loss=float(loss_d),
-                    teacher_loss=None if res.teacher_loss is None else float(res.teacher_loss),
-                    r_t=r_t,
-                    n_top=mask_counts(n, cfg.masking.gamma, r_t)[1] if teacher is not None else 0,
-                    n_masked=mask_counts(n, cfg.masking.gamma)[0],
-                    lr=lr,
-                    momentum=m if ema else None,
-                    samples_per_s=n_log * world / max(elapsed, 1e-9),
-                )
-                log.write(**rec)
-                it_bar.set_postfix(loss=f"{rec['loss']:.4f}", r_t=f"{r_t:.3f}", lr=f"{lr:.2e}")
-                t_log, n_log = time.perf_counter(), 0
-        _check_finite(finite, epoch, step, out)
-        epoch_loss = float(loss_sum) / iters
-        epoch_rec = dict(
-            type="epoch",
-            epoch=epoch,
-            step=step,
-            loss=epoch_loss,
-            teacher_loss=None if t_loss_sum is None else float(t_loss_sum) / iters,
-            r_t=r_t,
-            lr=lr,
-            seconds=time.perf_counter() - t_epoch,
-        )
-        log.write(**epoch_rec)
-        epoch_bar.set_postfix(loss=f"{epoch_loss:.4f}", r_t=f"{r_t:.3f}")
-        if (epoch + 1) % cfg.ckpt_every == 0 or epoch + 1 == cfg.epochs:
-            mask_rng = _gather_rng(generator, world)  # every rank takes part
-            if is_main:
-                save_checkpoint(
-                    out / "checkpoints" / "last.pt",
-                    _state(cfg, student, teacher, optimizer, scaler, epoch + 1, step, mask_rng),
-                )
-    if world > 1 and teacher is not None:
-        _assert_teacher_consistent(teacher)
+        record = _run_epoch(r, loader, epoch, device, log)
+        log.write(**record)
+        epoch_bar.set_postfix(loss=f"{record['loss']:.4f}", r_t=f"{record['r_t']:.3f}")
+        r.epoch = epoch + 1
+        if r.epoch % cfg.ckpt_every == 0 or r.epoch == cfg.epochs:
+            mask_rng = _gather_rng(r.generator, world)  # every rank takes part
+            if r.is_main:
+                save_checkpoint(checkpoint_path(out), _state(r, mask_rng))
+    if world > 1 and r.teacher is not None:
+        _assert_teacher_consistent(r.teacher)
     return out
+
+
+def _run_epoch(r: _Run, loader, epoch: int, device, log: MetricsLog) -> dict[str, Any]:
+    """One epoch of steps; logs every ``log_every`` steps (the loop's only host syncs) and returns the epoch record."""
+    cfg = r.cfg
+    total_steps = cfg.epochs * r.iters
+    r.student.train()
+    t_epoch, loss_sum, t_loss_sum, finite = time.perf_counter(), None, None, None
+    it_bar = tqdm(loader, total=r.iters, leave=False, desc=f"epoch {epoch}", disable=cfg.quiet or not r.is_main,
+                  unit="it")
+    t_log, n_log = time.perf_counter(), 0
+    for i, batch in enumerate(it_bar):
+        x = batch["image"].to(device, non_blocking=True)
+        t_frac = epoch + (i / r.iters if cfg.masking.per_iteration else 0.0)
+        r_t = anatomical_ratio(t_frac, cfg.epochs, cfg.masking.r0, cfg.masking.rT)
+        lr = warmup_cosine_lr(r.step, total_steps, cfg.warmup_epochs * r.iters, cfg.lr, cfg.warmup_lr)
+        for group in r.optimizer.param_groups:
+            group["lr"] = lr
+        m = momentum_at(r.step / total_steps, cfg.momentum0, cfg.momentum1, cfg.momentum_warmup)
+        res = train_step(r.model, r.student, r.teacher, r.optimizer, r.scaler, x, cfg=cfg, r_t=r_t,
+                         m=m if r.ema else None, generator=r.generator, amp_dtype=r.amp_dtype)
+        r.step += 1
+        n_log += x.shape[0]
+        loss_d = res.loss.detach().float()
+        loss_sum = loss_d if loss_sum is None else loss_sum + loss_d
+        finite = torch.isfinite(loss_d) if finite is None else finite & torch.isfinite(loss_d)
+        if res.teacher_loss is not None:
+            t_d = res.teacher_loss.detach().float()
+            t_loss_sum = t_d if t_loss_sum is None else t_loss_sum + t_d
+        if r.step % cfg.log_every == 0 or i == r.iters - 1:  # the only host syncs of the loop
+            _check_finite(finite, epoch, r.step, r.out)
+            elapsed = time.perf_counter() - t_log
+            rec = dict(type="step", epoch=epoch, step=r.step, loss=float(loss_d),
+                       teacher_loss=None if res.teacher_loss is None else float(res.teacher_loss), r_t=r_t,
+                       n_top=mask_counts(r.n_patches, cfg.masking.gamma, r_t)[1] if r.teacher is not None else 0,
+                       n_masked=mask_counts(r.n_patches, cfg.masking.gamma)[0], lr=lr,
+                       momentum=m if r.ema else None, samples_per_s=n_log * r.world / max(elapsed, 1e-9))
+            log.write(**rec)
+            it_bar.set_postfix(loss=f"{rec['loss']:.4f}", r_t=f"{r_t:.3f}", lr=f"{lr:.2e}")
+            t_log, n_log = time.perf_counter(), 0
+    _check_finite(finite, epoch, r.step, r.out)
+    return dict(type="epoch", epoch=epoch, step=r.step, loss=float(loss_sum) / r.iters,
+                teacher_loss=None if t_loss_sum is None else float(t_loss_sum) / r.iters, r_t=r_t, lr=lr,
+                seconds=time.perf_counter() - t_epoch)
 
 
 def _check_finite(finite: torch.Tensor | None, epoch: int, step: int, out: Path) -> None:
     if finite is not None and not bool(finite):
         raise FloatingPointError(
             f"non-finite loss in epoch {epoch} (by step {step}); the run stops here. The last good checkpoint "
-            f"({out / 'checkpoints' / 'last.pt'}) is untouched: lower the learning rate or check the data, then "
-            f"resume."
+            f"({checkpoint_path(out)}) is untouched: lower the learning rate or check the data, then resume."
         )
 
 
@@ -396,17 +382,17 @@ def _gather_rng(generator: torch.Generator, world: int) -> list[torch.Tensor]:
     return gathered
 
 
-def _state(cfg, student, teacher, optimizer, scaler, epoch, step, mask_rng) -> dict[str, Any]:
+def _state(r: _Run, mask_rng: list[torch.Tensor]) -> dict[str, Any]:
     return {
-        "student": student.state_dict(),
-        "teacher": None if teacher is None else teacher.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict(),
-        "epoch": epoch,
-        "step": step,
+        "student": r.student.state_dict(),
+        "teacher": None if r.teacher is None else r.teacher.state_dict(),
+        "optimizer": r.optimizer.state_dict(),
+        "scaler": r.scaler.state_dict(),
+        "epoch": r.epoch,
+        "step": r.step,
         "mask_rng": mask_rng,
         "torch_rng": torch.get_rng_state(),
-        "config": config_to_dict(cfg),
+        "config": config_to_dict(r.cfg),
     }
 
 
@@ -422,55 +408,41 @@ def _assert_teacher_consistent(teacher: nn.Module) -> None:
 # command line
 # ----------------------------------------------------------------------------------------------------------------
 def add_cli(subparsers) -> None:
-    from anatomask_lab.config import ABLATIONS, PRESETS
+    from anatomask_lab.config import ABLATIONS, PRESETS, PretrainConfig
+    from anatomask_lab.config_args import add_config_arguments
 
     p = subparsers.add_parser(
         "pretrain", help="pretrain a sparse STU-Net encoder with AnatoMask or SparK",
         description="Pretrain with AnatoMask (EMA teacher, reconstruction-guided masks) or SparK (random masks). "
         "Multi-GPU: torchrun --nproc_per_node N -m anatomask_lab.cli pretrain ...",
     )
-    p.add_argument("--preset", choices=sorted(PRESETS), default="B")
-    p.add_argument("--method", choices=["anatomask", "spark"])
-    p.add_argument("--ablation", choices=sorted(ABLATIONS), default="none")
-    p.add_argument("--data", dest="data_dir", help="preprocessed dataset folder")
-    p.add_argument("--out", dest="out_dir", required=True, help="run folder")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--iters-per-epoch", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--patch-size", type=int, nargs=3)
-    p.add_argument("--gamma", type=float)
-    p.add_argument("--r0", type=float)
-    p.add_argument("--rT", type=float)
-    p.add_argument("--order", choices=["high", "low"])
-    p.add_argument("--per-iteration", action="store_true", default=None, help="advance r_t every iteration")
-    p.add_argument("--raw-ranking", dest="normalize_ranking", action="store_false", default=None,
-                   help="rank patches by the loss against raw intensities (the authors' code)")
-    p.add_argument("--teacher", choices=["ema", "frozen"])
-    p.add_argument("--backend", choices=["masked", "spconv"])
-    p.add_argument("--decoder", choices=["hierarchical", "simple"])
-    p.add_argument("--lr", type=float)
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--warmup-epochs", type=int)
-    p.add_argument("--amp", choices=["auto", "bf16", "fp16", "fp32"])
-    p.add_argument("--device")
-    p.add_argument("--workers", type=int)
-    p.add_argument("--ckpt-every", type=int)
-    p.add_argument("--log-every", type=int)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--quiet", action="store_true", default=None)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="B", help="model size and recipe (default: B)")
+    p.add_argument("--ablation", choices=sorted(ABLATIONS), default="none",
+                   help="one of the paper's ablations, applied over the preset (default: none)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved configuration as JSON and exit (creates nothing)")
+    add_config_arguments(p, PretrainConfig, PRESETS, lambda preset: pretrain_config(preset), default_preset="B")
     p.set_defaults(func=_cli)
 
 
 def _cli(args) -> int:
+    from anatomask_lab.config_args import overrides_from_args, print_config, require_out
+
     if args.resume:
-        out = run(resume=True, out_dir=args.out_dir)
+        if args.print_config:
+            print_config(replace(config_from_dict(load_checkpoint(checkpoint_path(require_out(args)))["config"]),
+                                 out_dir=args.out_dir))
+            return 0
+        out = run(resume=True, out_dir=require_out(args))
     else:
-        params = {k: v for k, v in vars(args).items() if k not in ("func", "command", "preset", "ablation", "resume")}
-        if params.get("patch_size") is not None:
-            params["patch_size"] = tuple(params["patch_size"])
-        cfg = pretrain_config(args.preset, args.ablation, **params)
+        cfg = pretrain_config(args.preset, args.ablation, **overrides_from_args(args, PretrainConfig))
+        if args.print_config:
+            print_config(cfg)
+            return 0
+        require_out(args)
         out = run(cfg)
     if _dist_info()[0] == 0:
         print(f"run folder: {out}")
     return 0
+

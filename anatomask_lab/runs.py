@@ -11,7 +11,6 @@ import json
 import os
 import platform
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -19,15 +18,23 @@ from typing import Any
 import torch
 
 from anatomask_lab import __version__
+from anatomask_lab.atomic import atomic_write, atomic_write_json
 
 __all__ = [
+    "CHECKPOINT_DIR",
+    "checkpoint_path",
     "code_version",
+    "encoder_from_state",
+    "is_finished",
+    "load_student_encoder",
     "load_checkpoint",
     "read_metrics",
     "save_checkpoint",
     "write_json_atomic",
     "MetricsLog",
 ]
+
+CHECKPOINT_DIR = "checkpoints"
 
 
 def code_version() -> dict[str, Any]:
@@ -72,38 +79,75 @@ def device_name(device: torch.device | str = "cpu") -> str:
     return f"{model}, {os.cpu_count()} cores"
 
 
-def _atomic(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_json_atomic(path: str | Path, obj: Any) -> None:
-    _atomic(Path(path), lambda f: f.write(json.dumps(obj, indent=2).encode()))
+    """Write ``obj`` as JSON atomically (see :mod:`anatomask_lab.atomic`)."""
+    atomic_write_json(path, obj)
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     """Write ``state`` (tensors, plain containers and numbers only) atomically."""
-    _atomic(Path(path), lambda f: torch.save(state, f))
+    atomic_write(path, lambda p: torch.save(state, p))
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint written by :func:`save_checkpoint` with ``weights_only=True``."""
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu", *, mmap: bool = False
+                    ) -> dict[str, Any]:
+    """Load a checkpoint written by :func:`save_checkpoint` with ``weights_only=True``.
+
+    ``mmap=True`` maps the tensors instead of reading them (cheap for reading a few entries of a large file).
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as exc:  # corrupt or foreign file
         raise ValueError(f"{path}: not a readable anatomask-lab checkpoint ({exc})") from exc
+
+
+def checkpoint_path(run_or_file: str | Path, which: str = "last") -> Path:
+    """The checkpoint file of a run folder (``<run>/checkpoints/<which>.pt``), or ``run_or_file`` if it is a file.
+
+    Args:
+        run_or_file: a run folder or a checkpoint file.
+        which: ``"last"`` (written every ``ckpt_every`` epochs) or ``"best"`` (finetuning: best validation Dice).
+    """
+    path = Path(run_or_file)
+    if path.is_file():
+        return path
+    return path / CHECKPOINT_DIR / f"{which}.pt"
+
+
+def is_finished(run: str | Path) -> bool:
+    """True when the run folder's last checkpoint has reached the configured number of epochs."""
+    path = checkpoint_path(run)
+    if not path.is_file():
+        return False
+    state = load_checkpoint(path, mmap=True)
+    return int(state["epoch"]) >= int(state["config"]["epochs"])
+
+
+def load_student_encoder(path: str | Path) -> dict[str, torch.Tensor]:
+    """Encoder weights (keys as in ``STUNet.encoder``) of a pretraining run folder, checkpoint or export.
+
+    Args:
+        path: a pretraining run folder or its checkpoint (the student's ``encoder.*`` entries are taken), or a file
+            written by ``anatomask-lab export`` (its ``encoder`` entry).
+
+    Raises:
+        ValueError: the file is neither.
+    """
+    file = checkpoint_path(path)
+    return encoder_from_state(load_checkpoint(file), file)
+
+
+def encoder_from_state(state: dict[str, Any], source: str | Path = "checkpoint") -> dict[str, torch.Tensor]:
+    """The encoder weights in a loaded pretraining checkpoint or export (see :func:`load_student_encoder`)."""
+    if isinstance(state.get("student"), dict):
+        prefix = "encoder."
+        return {k[len(prefix):]: v for k, v in state["student"].items() if k.startswith(prefix)}
+    if isinstance(state.get("encoder"), dict):
+        return state["encoder"]
+    raise ValueError(f"{source}: neither a pretraining checkpoint nor an exported encoder")
 
 
 class MetricsLog:

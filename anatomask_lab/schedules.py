@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["cosine_lr", "warmup_cosine_lr"]
+__all__ = ["cosine_lr", "poly_lr", "warmup_cosine_lr"]
 
 
 def cosine_lr(step: int, total_steps: int, base_lr: float, final_lr: float = 0.0) -> float:
@@ -30,3 +30,11 @@ def warmup_cosine_lr(
     if warmup_steps > 0 and step < warmup_steps:
         return warmup_lr + (base_lr - warmup_lr) * step / warmup_steps
     return cosine_lr(step - warmup_steps, max(total_steps - warmup_steps, 1), base_lr, final_lr)
+
+
+def poly_lr(step: int, total_steps: int, base_lr: float, exponent: float = 0.9) -> float:
+    """nnU-Net's polynomial decay ``base_lr * (1 - step / total_steps) ** exponent`` (0 at ``total_steps``)."""
+    if total_steps <= 0:
+        raise ValueError(f"total_steps must be positive, got {total_steps}")
+    t = min(max(step, 0), total_steps) / total_steps
+    return base_lr * (1.0 - t) ** exponent

@@ -1,4 +1,19 @@
-"""Plotly figures used by the notebooks and the report: slices with mask and loss overlays, training curves."""
+"""Plotly figures used by the notebooks and the report: slices with mask and loss overlays, training curves.
+
+Display convention (radiological), whatever the stored voxel order. Rows run top to bottom, columns left to right:
+
+==========  =========================================  ================  =====================================
+plane       slice axis (normal)                        top of the image  left of the image
+==========  =========================================  ================  =====================================
+axial       superior-inferior (S / I)                  anterior          patient's right (viewed from the feet)
+coronal     anterior-posterior (A / P)                 superior          patient's right (viewed from the front)
+sagittal    left-right (L / R)                         superior          anterior (the face looks left)
+==========  =========================================  ================  =====================================
+
+An array's orientation is its nibabel axis codes: the direction each array axis increases towards, e.g. ``"RAS"``
+for prepared cases (``anatomask-lab prepare`` reorients to the closest canonical RAS+) and ``"LPS"`` for the raw
+phantom and DICOM-converted volumes (affine ``diag(-sx, -sy, sz)``). Pass the codes or the 4x4 affine itself.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +25,8 @@ import torch
 from plotly.subplots import make_subplots
 
 __all__ = [
+    "DEFAULT_ORIENTATION",
+    "axis_codes",
     "crop_to_multiple",
     "loss_curves",
     "markdown_table",
@@ -18,9 +35,19 @@ __all__ = [
     "mean_intensity_patch_loss",
     "organ_patches",
     "label_map",
+    "orient_slice",
+    "plane_axes",
     "slice_of",
     "slice_figure",
 ]
+
+Orientation = str | Sequence[str] | np.ndarray  # axis codes ("RAS", ("L", "P", "S")) or a 4x4 affine
+
+DEFAULT_ORIENTATION = "LPS"  # the stored order of the raw phantom; what ``slice_of`` assumed before it took codes
+_OPPOSITE = {"L": "R", "R": "L", "A": "P", "P": "A", "S": "I", "I": "S"}
+_PAIR = {code: "".join(sorted(code + _OPPOSITE[code])) for code in _OPPOSITE}  # "L" -> "LR", "A" -> "AP" ...
+# plane, named by the pair of its normal -> (direction of increasing row index, of increasing column index)
+_DISPLAY = {"IS": ("axial", "P", "L"), "AP": ("coronal", "I", "L"), "LR": ("sagittal", "I", "P")}
 
 
 def label_map(labels: dict[str, np.ndarray]) -> np.ndarray:
@@ -52,14 +79,77 @@ def crop_to_multiple(volume: np.ndarray, patch: int = 16) -> np.ndarray:
     return volume[(..., *sl)]
 
 
-def slice_of(volume: np.ndarray, axis: int, index: int) -> np.ndarray:
-    """2D slice of a stored ``[X, Y, Z]`` volume along ``axis``, oriented for display.
+def axis_codes(orientation: Orientation = DEFAULT_ORIENTATION) -> tuple[str, str, str]:
+    """Axis codes of an orientation given as codes (``"RAS"``, ``("L", "P", "S")``) or as a 4x4 affine.
 
-    Axial (axis 2): rows = y (anterior at the top of the array as stored), columns = x. Coronal and sagittal
-    slices put z (superior) at the top.
+    Raises:
+        ValueError: codes that are not one of L/R, one of A/P and one of S/I, or an affine that is not 4x4.
     """
-    img = np.take(volume, index, axis=axis).T
-    return img if axis == 2 else img[::-1]
+    if not isinstance(orientation, str) and np.ndim(orientation) == 2:
+        affine = np.asarray(orientation, dtype=np.float64)
+        if affine.shape != (4, 4):
+            raise ValueError(f"an orientation affine must be 4x4, got shape {affine.shape}")
+        from nibabel.orientations import aff2axcodes
+
+        orientation = aff2axcodes(affine)
+    codes = tuple(str(c).upper() for c in orientation)
+    if len(codes) != 3 or any(c not in _PAIR for c in codes) or len({_PAIR[c] for c in codes}) != 3:
+        raise ValueError(
+            f"orientation must name one of L/R, A/P and S/I per axis (e.g. 'RAS', 'LPS') or be a 4x4 affine, "
+            f"got {orientation!r}"
+        )
+    return codes
+
+
+def plane_axes(orientation: Orientation = DEFAULT_ORIENTATION) -> dict[str, int]:
+    """Array axis normal to each display plane, e.g. ``{"axial": 2, "coronal": 1, "sagittal": 0}`` for RAS."""
+    return {_DISPLAY[_PAIR[code]][0]: axis for axis, code in enumerate(axis_codes(orientation))}
+
+
+def orient_slice(image_2d: np.ndarray, axis: int, orientation: Orientation = DEFAULT_ORIENTATION) -> np.ndarray:
+    """Put a slice ``np.take(volume, index, axis)`` of a volume with the given orientation in display order.
+
+    Args:
+        image_2d: the slice, its two axes being the volume's other two axes in their stored order.
+        axis: the array axis the slice was taken along (it decides the plane: axial, coronal or sagittal).
+        orientation: the volume's axis codes or affine (see :func:`axis_codes`).
+
+    Returns:
+        A view ``[rows, columns]`` in the module's display convention (transposed and / or flipped).
+    """
+    codes = axis_codes(orientation)
+    if axis not in (0, 1, 2):
+        raise ValueError(f"axis must be 0, 1 or 2, got {axis!r}")
+    if np.ndim(image_2d) != 2:
+        raise ValueError(f"expected a 2-D slice, got shape {np.shape(image_2d)}")
+    _, row_dir, col_dir = _DISPLAY[_PAIR[codes[axis]]]
+    a, b = (codes[i] for i in range(3) if i != axis)  # directions of the slice's two axes, in stored order
+    img = np.asarray(image_2d)
+    if _PAIR[a] != _PAIR[row_dir]:  # the slice's first axis becomes the columns
+        img, a, b = img.T, b, a
+    if a != row_dir:
+        img = img[::-1]
+    if b != col_dir:
+        img = img[:, ::-1]
+    return img
+
+
+def slice_of(volume: np.ndarray, axis: int, index: int, orientation: Orientation = DEFAULT_ORIENTATION) -> np.ndarray:
+    """2-D slice of a ``[X, Y, Z]`` volume along an array axis, in the radiological display convention.
+
+    Args:
+        volume: the volume (or a label map / voxel mask of the same layout).
+        axis: array axis to slice along; which plane that is (axial, coronal, sagittal) depends on ``orientation``
+            (:func:`plane_axes`).
+        index: slice index along ``axis``.
+        orientation: the volume's axis codes (``"RAS"`` for prepared cases, ``"LPS"`` for the raw phantom) or its
+            affine. The default ``"LPS"`` keeps the display of callers written before this argument existed.
+
+    Returns:
+        ``[rows, columns]``: axial slices with anterior at the top and the patient's right on the left; coronal and
+        sagittal slices with superior at the top (and the patient's right, resp. anterior, on the left).
+    """
+    return orient_slice(np.take(volume, index, axis=axis), axis, orientation)
 
 
 def mean_intensity_patch_loss(volume_dhw: np.ndarray, patch: int = 16,

@@ -12,7 +12,17 @@ import plotly.graph_objects as go
 import torch
 
 from anatomask_lab.masking import anatomask_mask, mask_counts, random_mask
-from anatomask_lab.viz import crop_to_multiple, mask_overlay_traces, mean_intensity_patch_loss, organ_patches, slice_of
+from anatomask_lab.viz import (
+    DEFAULT_ORIENTATION,
+    axis_codes,
+    crop_to_multiple,
+    mask_overlay_traces,
+    mean_intensity_patch_loss,
+    organ_patches,
+    orient_slice,
+    plane_axes,
+    slice_of,
+)
 
 __all__ = ["MaskExplorer"]
 
@@ -29,10 +39,13 @@ class MaskExplorer:
         seed: the masks are drawn from a generator reseeded with it on every update, so that moving one slider
             changes only what that slider controls.
         window: intensity display window (zmin, zmax).
+        orientation: the volume's axis codes (``"RAS"`` for prepared cases, ``"LPS"`` for the raw phantom) or its
+            affine; slices are shown in the radiological convention of :mod:`anatomask_lab.viz` whatever it is.
     """
 
     def __init__(self, volume_dhw, labels_dhw=None, patch_loss=None, *, patch: int = 16, seed: int = 0,
-                 window: tuple[float, float] | None = None) -> None:
+                 window: tuple[float, float] | None = None, orientation=DEFAULT_ORIENTATION) -> None:
+        self.orientation = axis_codes(orientation)
         self.volume = crop_to_multiple(np.asarray(volume_dhw, dtype=np.float32), patch)
         self.labels = None if labels_dhw is None else crop_to_multiple(np.asarray(labels_dhw), patch)
         self.patch, self.seed = patch, seed
@@ -49,10 +62,12 @@ class MaskExplorer:
 
         self.gamma = W.FloatSlider(value=0.6, min=0.05, max=0.95, step=0.05, description="gamma")
         self.r_t = W.FloatSlider(value=0.5, min=0.0, max=1.0, step=0.05, description="r_t")
-        self.axis = W.Dropdown(options=[("axial (z)", 2), ("coronal (y)", 1), ("sagittal (x)", 0)], value=2,
-                               description="axis")
-        self.index = W.IntSlider(value=self.volume.shape[2] // 2, min=0, max=self.volume.shape[2] - 1,
-                                 description="slice")
+        planes = plane_axes(self.orientation)
+        self.axis = W.Dropdown(options=[(f"{name} (axis {planes[name]})", planes[name])
+                                        for name in ("axial", "coronal", "sagittal")],
+                               value=planes["axial"], description="axis")
+        size = self.volume.shape[planes["axial"]]
+        self.index = W.IntSlider(value=size // 2, min=0, max=size - 1, description="slice")
         self.order = W.ToggleButtons(options=["high", "low"], value="high", description="order")
         self.info = W.HTML()
         self.fig = go.FigureWidget()
@@ -103,7 +118,7 @@ class MaskExplorer:
     def update(self) -> None:
         """Recompute the masks and redraw both panels in place (no new traces)."""
         axis, index = self.axis.value, self.index.value
-        image = slice_of(self.volume, axis, index)
+        image = slice_of(self.volume, axis, index, self.orientation)
         rnd, ana = self.masks()
         with self.fig.batch_update():
             for k, mask in enumerate((rnd, ana)):
@@ -122,4 +137,4 @@ class MaskExplorer:
         """The patch mask on one voxel slice, oriented like :func:`slice_of` (only that slice is upsampled)."""
         grid_slice = np.take(mask_grid, index // self.patch, axis=axis)
         vox = np.repeat(np.repeat(grid_slice, self.patch, axis=0), self.patch, axis=1)
-        return vox.T if axis == 2 else vox.T[::-1]
+        return orient_slice(vox, axis, self.orientation)

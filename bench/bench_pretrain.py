@@ -19,8 +19,9 @@ import torch
 
 from anatomask_lab.config import pretrain_config
 from anatomask_lab.masking import anatomask_mask
-from anatomask_lab.pretrain import autocast_dtype, build_models, teacher_patch_loss, train_step
+from anatomask_lab.pretrain import build_models, teacher_patch_loss, train_step
 from anatomask_lab.runs import device_name
+from anatomask_lab.runtime import autocast_dtype
 
 
 def _sync(device: torch.device) -> None:

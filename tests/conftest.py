@@ -40,13 +40,28 @@ def tiny_dataset(phantom_release, tmp_path_factory):
     return out
 
 
+def _spconv_importable() -> bool:
+    import warnings
+
+    try:
+        with warnings.catch_warnings():  # spconv 2.3 and its build helpers use deprecated APIs
+            warnings.simplefilter("ignore")
+            import spconv.pytorch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``gpu`` need CUDA: skip them cleanly on machines without it."""
+    """Tests marked ``gpu`` need CUDA and tests marked ``needs_spconv`` need spconv: skip them cleanly without."""
     import torch
 
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
+    skips = {}
+    if not torch.cuda.is_available():
+        skips["gpu"] = pytest.mark.skip(reason="needs a CUDA device")
+    if any("needs_spconv" in item.keywords for item in items) and not _spconv_importable():
+        skips["needs_spconv"] = pytest.mark.skip(reason="needs spconv (spconv.pytorch does not import)")
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        for keyword, skip in skips.items():
+            if keyword in item.keywords:
+                item.add_marker(skip)

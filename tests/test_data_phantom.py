@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from anatomask_lab.data import phantom
+from anatomask_lab.data import phantom, phantom_organs, phantom_png
 from anatomask_lab.data.phantom import PHANTOM_CLASSES, PHANTOM_STRUCTURES, generate_case, generate_cohort
+from anatomask_lab.data.phantom_canvas import FULL, OWNER_ID, make_canvas
+from anatomask_lab.data.phantom_shapes import Grid, ellipsoid, tube
 from anatomask_lab.data.prepare.totalsegmentator import V1_STRUCTURES, V2_STRUCTURES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,7 +99,7 @@ def test_texture_makes_organs_harder_than_fat():
     hu, owner, _, _, rng = phantom._render(3, SHAPE, SPACING)  # painted HU, before blur and noise
 
     def spread(name):
-        return float(hu[ndimage.binary_erosion(owner == phantom._ID[name])].std())
+        return float(hu[ndimage.binary_erosion(owner == OWNER_ID[name])].std())
 
     fat = max(spread("_subcut_fat"), spread("_fat"))
     assert fat < 5
@@ -175,6 +177,16 @@ def test_png_writer_round_trip(tmp_path):
     np.testing.assert_array_equal(_read_png(tmp_path / "g.png")[..., 0], gray)
 
 
+def test_figure_code_lives_in_phantom_png_and_stays_importable_from_phantom(tmp_path):
+    assert phantom.write_png is phantom_png.write_png and phantom.phantom_figure is phantom_png.phantom_figure
+    img = np.zeros((3, 5, 3), np.uint8)
+    img[1, 2] = (255, 0, 128)
+    out = phantom_png.write_png(tmp_path / "sub" / "p.png", img)  # folder created
+    assert out == tmp_path / "sub" / "p.png"
+    np.testing.assert_array_equal(_read_png(out), img)
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temporary file left
+
+
 def test_figure_shape(case):
     ct, labels, affine = case
     fig = phantom.phantom_figure(ct, labels, affine)
@@ -187,3 +199,40 @@ def test_docs_figure_is_committed_and_small():
     assert png.is_file()
     assert png.stat().st_size < 300_000
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _unwarped_grid(n=41):
+    """Template mm == world mm == voxel index - n // 2 on every axis (no warp)."""
+    c = np.arange(n, dtype=np.float32) - n // 2
+    tx, ty, tz = np.meshgrid(c, c, c, indexing="ij")
+    return Grid(tx, ty, tz, origin=np.full(3, -(n // 2), float), step=np.ones(3), center=np.zeros(3),
+                scale=np.ones(3), warp_max=0.0, shape=(n, n, n))
+
+
+def test_shapes_enclose_the_expected_volumes():
+    grid = _unwarped_grid()
+    sl, (u, v, w) = ellipsoid(grid, (0, 0, 0), (12, 8, 5))
+    assert abs((u * u + v * v + w * w <= 1).sum() / (4 / 3 * np.pi * 12 * 8 * 5) - 1) < 0.05
+    sl, d = tube(grid, [(0, 0, -10), (0, 0, 10)], 5.0)  # capsule: cylinder plus two half balls
+    assert abs((d <= 1).sum() / (np.pi * 25 * 20 + 4 / 3 * np.pi * 125) - 1) < 0.05
+    assert tube(grid, [(100, 0, 0), (120, 0, 0)], 5.0) == (None, None)  # outside the field of view
+    assert ellipsoid(grid, (0, 100, 0), (5, 5, 5))[0] is None
+
+
+def test_abdominal_painters_stay_under_the_diaphragm_and_own_only_their_structure():
+    cv = make_canvas(3, SHAPE, SPACING)
+    phantom_organs.paint_body_wall(cv)
+    assert (cv.owner[cv.body.skin] != 0).all() and (cv.owner[~cv.body.skin] == 0).all()  # air outside the body
+    for paint, names in ((phantom_organs.paint_liver, {"liver"}), (phantom_organs.paint_spleen, {"spleen"}),
+                         (phantom_organs.paint_kidneys, {"kidney_left", "kidney_right", "_sinus"}),
+                         (phantom_organs.paint_pancreas, {"pancreas"})):
+        before = cv.owner.copy()
+        paint(cv)
+        changed = cv.owner != before
+        assert changed.any(), paint.__name__
+        assert not (changed & ~cv.body.below).any(), paint.__name__
+        assert {int(i) for i in np.unique(cv.owner[changed])} == {OWNER_ID[n] for n in names}, paint.__name__
+    before = cv.hu.copy()
+    cv.paint(FULL, None, "liver", 0.0)  # nothing to paint: no-op
+    cv.paint(None, np.ones(SHAPE, bool), "liver", 0.0)
+    np.testing.assert_array_equal(cv.hu, before)

@@ -295,3 +295,101 @@ def test_data_script_is_the_same_code_path(tmp_path):
     assert bad.returncode == 2 and "none: not a folder" in bad.stderr
     for name in PREPARERS:
         assert (ROOT / "data_scripts" / f"prepare_{name}.py").is_file()
+
+
+# -- reference labels: read again through the preparer's own code ---------------------------------------------------
+
+
+def _reference(out, tmp_path, split="test"):
+    from anatomask_lab.predict import write_reference_labels
+
+    files = write_reference_labels(out, tmp_path / f"ref_{split}", split=split)
+    return {f.name[: -len(".nii.gz")]: nib.load(f) for f in files}
+
+
+def _prepared_in_original_geometry(out, case):
+    from anatomask_lab.data.preprocess import restore_to_original
+
+    meta = json.loads((out / "cases" / case / "meta.json").read_text())
+    return restore_to_original(np.load(out / "cases" / case / "label.npy"), meta), meta
+
+
+def _assert_reference_is_the_prepared_label(out, refs):
+    assert refs
+    for case, img in refs.items():
+        expect, meta = _prepared_in_original_geometry(out, case)
+        np.testing.assert_array_equal(np.asarray(img.dataobj), expect)
+        np.testing.assert_allclose(img.affine, meta["original"]["affine"])
+
+
+def test_reference_of_overlapping_masks_and_a_renumbered_subset_is_the_prepared_label(tmp_path):
+    src = tmp_path / "src"
+    masks = {"spleen": (slice(1, 6), slice(2, 7)), "liver": (slice(4, 9), slice(1, 5)),
+             "kidney_left": (slice(0, 3), slice(0, 3))}  # spleen and liver overlap at x 4..5, y 2..4
+    for i in range(3):
+        _ct(src / f"s{i:04d}" / "ct.nii.gz", i)
+        for name, (sx, sy) in masks.items():
+            m = np.zeros(SHAPE, np.uint8)
+            m[sx, sy, i : i + 4] = 1
+            save_nifti(src / f"s{i:04d}" / "segmentations" / f"{name}.nii.gz", m, AFF)
+    (src / "meta.csv").write_text("image_id;split\ns0000;train\ns0001;val\ns0002;test\n")
+    # classes in another order than the release table (spleen is value 1, liver value 5 in TotalSegmentator v2)
+    out = totalsegmentator.prepare(src, tmp_path / "o", classes="liver,spleen", spacing=(3.0, 3.0, 5.0),
+                                   workers=0, progress=False)
+    refs = _reference(out, tmp_path)
+    _assert_reference_is_the_prepared_label(out, refs)
+    ref = np.asarray(refs["s0002"].dataobj)
+    assert set(np.unique(ref)) == {0, 1, 2}  # kidney_left is not selected
+    assert np.all(ref[4:6, 2:5, 2:6] == 1)  # the overlap: liver, later in the release table, wins
+
+
+def test_reference_of_a_renumbered_label_map_subset_is_the_prepared_label(tmp_path):
+    src = _flare_tree(tmp_path / "src", n_lab=4, n_unlab=0)
+    out = flare22.prepare(src, tmp_path / "o", classes="spleen,liver", spacing=(3.0, 3.0, 5.0), workers=0,
+                          progress=False)
+    refs = _reference(out, tmp_path)
+    _assert_reference_is_the_prepared_label(out, refs)
+    for case, img in refs.items():  # release values liver 1, spleen 3 -> prepared spleen 1, liver 2
+        raw = np.asarray(nib.load(next(src.rglob(f"{case}.nii.gz"))).dataobj)
+        np.testing.assert_array_equal(np.asarray(img.dataobj), np.select([raw == 3, raw == 1], [1, 2], 0))
+
+
+def _edit_json(path, edit):
+    content = json.loads(path.read_text())
+    edit(content)
+    path.write_text(json.dumps(content))
+
+
+def test_reference_of_folders_prepared_before_the_release_table_was_recorded(tmp_path):
+    src = _flare_tree(tmp_path / "src", n_lab=4, n_unlab=0)
+    out = flare22.prepare(src, tmp_path / "o", classes="spleen,liver", spacing=(3.0, 3.0, 5.0), workers=0,
+                          progress=False)
+    _edit_json(out / "dataset.json", lambda d: d.pop("source_classes"))
+    _assert_reference_is_the_prepared_label(out, _reference(out, tmp_path / "a"))  # the preparer's table
+    full = flare22.prepare(src, tmp_path / "full", spacing=(3.0, 3.0, 5.0), workers=0, progress=False)
+    old_names = ["background", "liver", "kidney_right", "spleen", *[f"organ_{k}" for k in range(4, 14)]]
+
+    def rename(d):  # the whole table under the names older versions used, no source_classes
+        d.pop("source_classes")
+        d["class_names"], d["labels"] = old_names, {n: i for i, n in enumerate(old_names)}
+        d["class_sources"] = {n: [n] for n in old_names[1:]}
+
+    _edit_json(full / "dataset.json", rename)
+    _assert_reference_is_the_prepared_label(full, _reference(full, tmp_path / "b"))
+
+
+def test_reference_of_cases_prepared_before_mask_files_were_recorded(tmp_path):
+    src = _totalseg_tree(tmp_path / "src", ("spleen", "liver", "aorta"), n=3)
+    out = totalsegmentator.prepare(src, tmp_path / "o", classes="aorta,liver", spacing=(3.0, 3.0, 5.0), workers=0,
+                                   progress=False)
+    for meta in (out / "cases").glob("*/meta.json"):
+        _edit_json(meta, lambda m: m["source"].pop("mask_files"))
+    _assert_reference_is_the_prepared_label(out, _reference(out, tmp_path))
+
+
+def test_reference_of_an_unlabelled_case_is_refused(tmp_path):
+    out = amos22.prepare(_amos_tree(tmp_path / "src"), tmp_path / "o", spacing=(3.0, 3.0, 5.0), workers=0,
+                         progress=False)  # imagesTs has no labels
+    _assert_reference_is_the_prepared_label(out, _reference(out, tmp_path, split="val"))
+    with pytest.raises(DataError, match=r"amos_0004/meta\.json: case 'amos_0004' was prepared without a label"):
+        _reference(out, tmp_path, split="test")

@@ -7,10 +7,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
+from anatomask_lab.data.dataset import DatasetInfo
 from anatomask_lab.data.io import DataError
 from anatomask_lab.data.phantom import generate_cohort
 from anatomask_lab.data.prepare import preparer
-from anatomask_lab.data.sampler import PatchDataset, check_patch_size, extract_patch, load_case, read_dataset_json
+from anatomask_lab.data.sampler import PatchDataset, check_patch_size, extract_patch, load_case
 
 PAD = [-7.0, -9.0]
 SHAPES = {"a": (30, 20, 24), "b": (8, 40, 12), "c": (20, 20, 20)}
@@ -151,7 +152,7 @@ def test_patch_size_checks(synthetic):
 
 def test_missing_or_wrong_inputs(synthetic, tmp_path):
     with pytest.raises(DataError, match=r"dataset\.json: not found"):
-        read_dataset_json(tmp_path)
+        DatasetInfo.read(tmp_path)
     with pytest.raises(DataError, match="unknown split"):
         PatchDataset(synthetic, split="training")
     with pytest.raises(DataError, match="no labelled cases"):
@@ -162,6 +163,19 @@ def test_missing_or_wrong_inputs(synthetic, tmp_path):
         load_case(synthetic, "zz")
     image, label, meta = load_case(synthetic, "c")
     assert label is None and isinstance(image, np.memmap) and meta["fg"].shape == (0, 4)
+
+
+def test_unknown_splits_and_unsafe_case_ids_are_named(synthetic, tmp_path):
+    with pytest.raises(DataError, match=r"unknown split 'training'; valid splits: train, val, test, all"):
+        PatchDataset(synthetic, split=["train", "training"])
+    assert PatchDataset(synthetic, split=["val", "train"], patch_size=(8, 8, 8)).case_ids == ["a", "b", "c"]
+    with pytest.raises(DataError, match=r"unsafe case id '\.\./c'"):
+        load_case(synthetic / "cases" / "a", "../c")  # would open <dataset>/cases/c
+    content = json.loads((synthetic / "dataset.json").read_text())
+    content["cases"][0]["id"] = content["splits"]["train"][0] = "../../a"
+    (tmp_path / "dataset.json").write_text(json.dumps(content))
+    with pytest.raises(DataError, match=r"dataset\.json: unsafe case id '\.\./\.\./a'"):
+        PatchDataset(tmp_path, patch_size=(8, 8, 8))
 
 
 def test_extract_patch_pads_each_channel():
@@ -182,6 +196,6 @@ def test_default_patch_on_a_prepared_phantom(tmp_path):
     item = ds[0]
     assert item["image"].shape == (1, 112, 112, 128)  # volume ~48x48x60: padded
     assert 0 < int(item["label"].max()) <= 15
-    info = read_dataset_json(out)
-    image, label, meta = load_case(out, info["cases"][0]["id"])
+    info = DatasetInfo.read(out)
+    image, label, meta = load_case(out, info.case_ids[0])
     assert image.shape[1:] == label.shape == tuple(meta["shape"])

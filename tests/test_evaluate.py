@@ -132,6 +132,19 @@ def test_load_class_table(tmp_path, content, expected):
     assert evaluate.load_class_table(path) == expected
 
 
+def test_load_class_table_from_a_prepared_folder(tmp_path):
+    folder = tmp_path / "prepared"
+    folder.mkdir()
+    (folder / "dataset.json").write_text(json.dumps({
+        "labels": {"background": 0, "liver": 1, "spleen": 2}, "class_names": ["background", "liver", "spleen"],
+        "cases": [{"id": "a", "has_label": True, "split": "test"}]}))
+    assert evaluate.load_class_table(folder) == {1: "liver", 2: "spleen"}
+    assert evaluate.load_class_table(folder / "dataset.json") == {1: "liver", 2: "spleen"}
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"empty/dataset\.json: not found"):
+        evaluate.load_class_table(tmp_path / "empty")
+
+
 def test_region_labels_rejected(tmp_path):
     path = tmp_path / "dataset.json"
     path.write_text(json.dumps({"labels": {"background": 0, "whole": [1, 2]}}))

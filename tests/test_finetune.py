@@ -11,7 +11,9 @@ import torch
 from torch import nn
 
 from anatomask_lab import finetune, pretrain
-from anatomask_lab.evaluate import evaluate_folders, load_class_table
+from anatomask_lab.config import config_to_dict
+from anatomask_lab.data.dataset import DatasetInfo
+from anatomask_lab.evaluate import evaluate_folders
 from anatomask_lab.export import export_encoder
 from anatomask_lab.inference import gaussian_importance, sliding_window_predict, window_starts
 from anatomask_lab.losses import deep_supervision_loss, deep_supervision_weights, dice_ce_loss, soft_dice_loss
@@ -93,15 +95,15 @@ def test_finetune_from_pretrained_predict_and_evaluate(tiny_dataset, pretrained,
     # predictions come back in each source image's geometry and can be evaluated against the reference labels
     preds = predict_split(out, tiny_dataset, tmp_path / "pred", device="cpu", quiet=True)
     refs = write_reference_labels(tiny_dataset, tmp_path / "gt")
-    info = json.loads((tiny_dataset / "dataset.json").read_text())
-    assert [p.name for p in preds] == [f"{c}.nii.gz" for c in info["splits"]["test"]] == [r.name for r in refs]
+    info = DatasetInfo.read(tiny_dataset)
+    assert [p.name for p in preds] == [f"{c}.nii.gz" for c in info.split("test")] == [r.name for r in refs]
     for p, r in zip(preds, refs, strict=True):
         pi, ri = nib.load(p), nib.load(r)
         assert pi.shape == ri.shape and np.allclose(pi.affine, ri.affine)
         assert set(np.unique(np.asarray(pi.dataobj))) <= set(range(6))
-    rows = evaluate_folders(tmp_path / "pred", tmp_path / "gt", classes=load_class_table(tiny_dataset / "dataset.json"),
+    rows = evaluate_folders(tmp_path / "pred", tmp_path / "gt", classes=info.class_table(),
                             tolerances=3.0, progress=False)
-    assert {r["class"] for r in rows} <= set(info["labels"]) - {"background"}
+    assert {r["class"] for r in rows} <= set(info.class_names[1:])
 
     # resume continues to a longer schedule
     state = load_checkpoint(out / "checkpoints" / "last.pt")
@@ -131,7 +133,7 @@ def test_checkpoint_of_another_architecture_is_refused(tiny_dataset, tmp_path):
     out = tmp_path / "ft"
     (out / "checkpoints").mkdir(parents=True)
     other = finetune.build_segmenter("S", 1, 6)
-    cfg = json.loads(json.dumps(finetune._config_dict(_ft(tiny_dataset, out))))
+    cfg = json.loads(json.dumps(config_to_dict(_ft(tiny_dataset, out))))
     torch.save({"model": other.state_dict(), "config": cfg, "in_channels": 1, "num_classes": 6},
                out / "checkpoints" / "last.pt")
     with pytest.raises(ValueError, match="does not match STU-Net-tiny"):

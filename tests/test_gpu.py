@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from anatomask_lab.config import pretrain_config
-from anatomask_lab.pretrain import autocast_dtype, build_models, train_step
+from anatomask_lab.pretrain import build_models, train_step
+from anatomask_lab.runtime import autocast_dtype
 
 pytestmark = pytest.mark.gpu
 

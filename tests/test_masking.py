@@ -9,8 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from anatomask_lab.masking import (
+    active_maps,
     anatomask_mask,
     anatomical_ratio,
+    check_mask,
     mask_counts,
     mask_to_voxels,
     patch_grid,
@@ -278,3 +280,18 @@ def test_patch_helpers_against_loops():
         patch_grid((33, 34, 35), 16)
     with pytest.raises(ValueError, match="shape"):
         patch_loss(pred, x[:, :1], p)
+
+
+def test_active_maps_and_check_mask():
+    mask = torch.tensor([[[[True, False], [False, True]], [[False, False], [True, True]]]])  # [1, 2, 2, 2]
+    strides = [(1, 1, 1), (2, 1, 2), (2, 2, 2)]  # patch (4, 2, 4)
+    maps = active_maps(mask, (4, 2, 4), strides)
+    assert [tuple(m.shape) for m in maps] == [(1, 8, 4, 8), (1, 8, 4, 8), (1, 4, 4, 4), (1, 2, 2, 2)]
+    assert torch.equal(maps[0], ~mask_to_voxels(mask, (4, 2, 4))) and torch.equal(maps[-1], ~mask)
+    assert torch.equal(maps[2], ~mask_to_voxels(mask, (2, 2, 2)))
+    x = torch.zeros(1, 1, 8, 4, 8)
+    assert check_mask(mask, x, (4, 2, 4)) == (2, 2, 2)
+    with pytest.raises(ValueError, match=r"mask of shape \(1, 2, 2, 2\) does not match input \(1, 1, 8, 4, 16\)"):
+        check_mask(mask, torch.zeros(1, 1, 8, 4, 16), (4, 2, 4))
+    with pytest.raises(ValueError, match="bool"):
+        check_mask(mask.float(), x, (4, 2, 4))

@@ -249,6 +249,15 @@ def test_evaluate_case_errors():
         metrics.evaluate_case(gt.astype(float), gt, 1.0, {2: "b"})
 
 
+def test_one_flare22_table_with_the_release_names_and_ids():
+    from anatomask_lab.data.prepare import flare22
+
+    assert dict(metrics.FLARE22_CLASSES) == dict(enumerate(flare22.CLASSES, start=1))  # one table, shared
+    assert metrics.FLARE22_CLASSES[2] == "right kidney" and metrics.FLARE22_CLASSES[13] == "left kidney"
+    assert metrics.FLARE22_CLASSES[6] == "inferior vena cava" and metrics.FLARE22_CLASSES[7] == "right adrenal gland"
+    assert set(metrics.FLARE22_CLASSES) == set(metrics.FLARE22_TOLERANCES_MM) == set(range(1, 14))
+
+
 def test_resolve_tolerances():
     classes = dict(metrics.FLARE22_CLASSES)
     flare = metrics.resolve_tolerances("flare22", classes)

@@ -78,10 +78,8 @@ def test_simple_decoder_uses_only_the_deepest_features():
     assert not torch.allclose(hier.decoder(changed, m), hier.decoder(feats, m))
 
 
-@pytest.mark.parametrize("backend", ["masked", "spconv"])
+@pytest.mark.parametrize("backend", ["masked", pytest.param("spconv", marks=pytest.mark.needs_spconv)])
 def test_reconstruction_ignores_the_masked_input(backend):
-    if backend == "spconv":
-        pytest.importorskip("spconv.pytorch")
     model = make(backend=backend)  # train mode: decoder BN uses batch statistics
     x = torch.randn(2, 1, *SHAPE)
     m = mask()
@@ -91,10 +89,10 @@ def test_reconstruction_ignores_the_masked_input(backend):
     assert not torch.allclose(model(x + visible_noise, m), model(x, m))
 
 
+@pytest.mark.needs_spconv
 def test_backends_give_the_same_reconstruction_and_gradients():
     """fp32 reconstructions agree to ~1e-6; gradients are compared in fp64, because in fp32 a decoder ReLU6 input
     within rounding distance of a kink (0 or 6) flips branches now and then among ~1e6 activations."""
-    pytest.importorskip("spconv.pytorch")
     x = torch.randn(2, 1, *SHAPE)
     m = mask(0.5, seed=3)
     recons, grads = [], []

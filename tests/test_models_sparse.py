@@ -7,12 +7,10 @@ import copy
 import pytest
 import torch
 
-from anatomask_lab.masking import mask_to_voxels, random_mask
+from anatomask_lab.masking import active_maps, mask_to_voxels, random_mask
 from anatomask_lab.models import STUNetSpec, build_mim
-from anatomask_lab.models.sparse import SparseEncoder, active_maps
+from anatomask_lab.models.sparse import SparseEncoder
 from anatomask_lab.models.stunet import STUNetEncoder, init_he, normalize_strides
-
-pytest.importorskip("spconv.pytorch")
 
 SHAPE = (32, 32, 48)  # grid 2 x 2 x 3 = 12 patches
 GRID = (2, 2, 3)
@@ -20,6 +18,7 @@ STRIDES5 = normalize_strides(None, 5)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+BACKENDS = ["masked", pytest.param("spconv", marks=pytest.mark.needs_spconv)]
 
 
 def make_encoder(pooling="sample", strides=STRIDES5, seed=0, **kw) -> SparseEncoder:
@@ -54,6 +53,7 @@ def assert_agree(a, b, rtol):
         torch.testing.assert_close(gb, ga, rtol=rtol, atol=rtol * scale)
 
 
+@pytest.mark.needs_spconv
 @pytest.mark.parametrize("pooling", ["sample", "batch"])
 @pytest.mark.parametrize("gamma", [0.25, 0.5, 0.75])
 def test_backends_agree_forward_and_backward_fp32(gamma, pooling):
@@ -65,6 +65,7 @@ def test_backends_agree_forward_and_backward_fp32(gamma, pooling):
     assert_agree(run(enc, "masked", x, mask), run(enc, "spconv", x, mask), rtol=1e-4)
 
 
+@pytest.mark.needs_spconv
 @pytest.mark.parametrize("pooling", ["sample", "batch"])
 def test_backends_agree_to_rounding_in_fp64(pooling):
     enc = make_encoder(pooling).double()
@@ -73,7 +74,7 @@ def test_backends_agree_to_rounding_in_fp64(pooling):
     assert_agree(run(enc, "masked", x, mask), run(enc, "spconv", x, mask), rtol=1e-10)
 
 
-@pytest.mark.parametrize("backend", ["masked", "spconv"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_all_visible_equals_dense_encoder(backend):
     enc = make_encoder(backend=backend)
     dense = STUNetEncoder(1, enc.widths, (1, 2, 1, 1, 1), STRIDES5)
@@ -84,7 +85,7 @@ def test_all_visible_equals_dense_encoder(backend):
         torch.testing.assert_close(fs, fd, rtol=1e-4, atol=1e-4 * fd.abs().max().item())
 
 
-@pytest.mark.parametrize("backend", ["masked", "spconv"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_sparsity_zero_at_masked_and_blind_to_masked_input(backend):
     enc = make_encoder(backend=backend)
     x = torch.randn(2, 1, *SHAPE)
@@ -99,7 +100,7 @@ def test_sparsity_zero_at_masked_and_blind_to_masked_input(backend):
         torch.testing.assert_close(g, f)
 
 
-@pytest.mark.parametrize("backend", ["masked", "spconv"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_norm_statistics_per_sample_or_pooled(backend):
     x = torch.randn(2, 1, *SHAPE)
     mask = random_mask(2, GRID, 0.5, generator=torch.Generator().manual_seed(7))
@@ -111,6 +112,7 @@ def test_norm_statistics_per_sample_or_pooled(backend):
     assert not torch.allclose(pooled(other, mask)[-1][0], pooled(x, mask)[-1][0])
 
 
+@pytest.mark.needs_spconv
 def test_teacher_and_student_with_different_masks_in_one_process():
     student = make_encoder(backend="spconv")
     teacher = copy.deepcopy(student).eval()
@@ -137,6 +139,7 @@ def test_teacher_and_student_with_different_masks_in_one_process():
         assert torch.count_nonzero(f * ~act.unsqueeze(1)) == 0
 
 
+@pytest.mark.needs_spconv
 def test_anisotropic_strides_backends_agree():
     strides = normalize_strides([1, (1, 2, 2), 2, 2, 2], 5)
     enc = make_encoder(strides=strides)
@@ -146,7 +149,7 @@ def test_anisotropic_strides_backends_agree():
     assert_agree(run(enc, "masked", x, mask), run(enc, "spconv", x, mask), rtol=1e-4)
 
 
-@pytest.mark.parametrize("backend", ["masked", "spconv"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_gradient_checkpointing_same_gradients(backend):
     enc = make_encoder()
     ckpt = make_encoder(grad_checkpointing=True)
@@ -170,6 +173,7 @@ def test_masked_backend_under_autocast(dtype):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in enc.parameters())
 
 
+@pytest.mark.needs_spconv
 def test_spconv_backend_runs_spconv_and_no_dense_conv(monkeypatch):
     import spconv.pytorch as spconv
 
@@ -214,6 +218,7 @@ def test_contract_and_input_errors():
 
 
 @pytest.mark.gpu
+@pytest.mark.needs_spconv
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("algo", ["implicit_gemm", "native"])
 def test_spconv_on_cuda_agrees_with_masked(algo):

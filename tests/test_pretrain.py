@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from anatomask_lab.config import PRESETS, config_to_dict, pretrain_config
+from anatomask_lab.data.dataset import DatasetInfo
 from anatomask_lab.ema import make_teacher
 from anatomask_lab.export import export_encoder
 from anatomask_lab.masking import mask_counts
@@ -204,8 +205,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tiny_dataset, tmp_path)
     ckpt = out / "checkpoints" / "last.pt"
     digest = hashlib.sha256(ckpt.read_bytes()).hexdigest()
     # corrupt every training image after preparation, then continue for more epochs
-    info = json.loads((data / "dataset.json").read_text())
-    for case in info["splits"]["train"]:
+    for case in DatasetInfo.read(data).split("train"):
         path = data / "cases" / case / "image.npy"
         arr = np.load(path)
         arr[:] = np.nan

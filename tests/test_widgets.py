@@ -73,3 +73,25 @@ def test_bad_patch_loss_shape(volume_and_labels):
     vol, labels = volume_and_labels
     with pytest.raises(ValueError, match="grid"):
         MaskExplorer(vol, labels, patch_loss=np.zeros((4, 4, 4)))
+
+
+def test_explorer_shows_lps_and_ras_volumes_alike(volume_and_labels):
+    """The same anatomy stored LPS and RAS (x and y reversed): same images, same planes, and at r_t = 1 (every masked
+    patch chosen by loss, which does not depend on the storage order) the same AnatoMask overlay."""
+    vol, labels = volume_and_labels
+    lps = MaskExplorer(vol, labels, orientation="LPS")
+    ras = MaskExplorer(vol[::-1, ::-1].copy(), labels[::-1, ::-1].copy(), orientation=np.diag([1.0, 1.0, 1.0, 1.0]))
+    assert ras.orientation == ("R", "A", "S")
+    assert [o[0] for o in ras.axis.options] == ["axial (axis 2)", "coronal (axis 1)", "sagittal (axis 0)"]
+    for ex in (lps, ras):
+        ex.r_t.value = 1.0
+        ex.axis.value = 1
+    lps.index.value, ras.index.value = 40, 127 - 40  # the same coronal plane
+    np.testing.assert_array_equal(np.array(lps.fig.data[0].z), np.array(ras.fig.data[0].z))
+    np.testing.assert_array_equal(np.array(lps.fig.data[3].z), np.array(ras.fig.data[3].z))
+    for ex in (lps, ras):
+        ex.axis.value = 2
+        ex.index.value = 70
+    np.testing.assert_array_equal(np.array(lps.fig.data[0].z), np.array(ras.fig.data[0].z))
+    np.testing.assert_array_equal(np.array(lps.fig.data[3].z), np.array(ras.fig.data[3].z))
+    assert np.array(lps.fig.data[3].z).any()

@@ -1,21 +1,23 @@
 """Data: NIfTI input/output, the CT phantom cohort, preprocessing, preparers and the patch sampler.
 
 Light modules (numpy, scipy, nibabel) are imported here; the torch-based sampler is imported on first use, so
-preprocessing worker processes do not pay for importing torch.
+preprocessing worker processes do not pay for importing torch. ``dataset.json`` is read and written by
+:class:`~anatomask_lab.data.dataset.DatasetInfo` only.
 """
 
 from __future__ import annotations
 
 import importlib
 
+from anatomask_lab.data.dataset import DatasetInfo
 from anatomask_lab.data.io import DataError, load_nifti, save_nifti
 from anatomask_lab.data.phantom import PHANTOM_CLASSES, PHANTOM_STRUCTURES, generate_case, generate_cohort
-from anatomask_lab.data.preprocess import preprocess_dataset, restore_to_original, write_prediction
+from anatomask_lab.data.preprocess import preprocess_dataset
+from anatomask_lab.data.resample import restore_to_original, write_prediction
 
 _LAZY = {
     "PatchDataset": "anatomask_lab.data.sampler",
     "load_case": "anatomask_lab.data.sampler",
-    "read_dataset_json": "anatomask_lab.data.sampler",
     "check_patch_size": "anatomask_lab.data.sampler",
 }
 
@@ -23,6 +25,7 @@ __all__ = [
     "PHANTOM_CLASSES",
     "PHANTOM_STRUCTURES",
     "DataError",
+    "DatasetInfo",
     "PatchDataset",
     "check_patch_size",
     "generate_case",
@@ -30,7 +33,6 @@ __all__ = [
     "load_case",
     "load_nifti",
     "preprocess_dataset",
-    "read_dataset_json",
     "restore_to_original",
     "save_nifti",
     "write_prediction",

@@ -8,15 +8,13 @@ a half-written file under the final name.
 from __future__ import annotations
 
 import gzip
-import json
 import os
-import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+
+from anatomask_lab.atomic import atomic_dir, atomic_write, atomic_write_json
 
 __all__ = [
     "DataError",
@@ -35,38 +33,6 @@ class DataError(ValueError):
     """A data file or folder is unusable; the message names the path and the problem."""
 
 
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Write a file under a temporary name, then rename it to ``path``.
-
-    Args:
-        path: final file name; its folder is created.
-        write: called with the temporary path; must create that file.
-
-    Returns:
-        The final path.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
-
-
-def atomic_write_json(path: str | os.PathLike, obj) -> Path:
-    """Write ``obj`` as indented JSON, atomically."""
-    text = json.dumps(obj, indent=1, sort_keys=False) + "\n"
-    return atomic_write(path, lambda p: p.write_text(text))
-
-
 def atomic_write_npy(path: str | os.PathLike, array: np.ndarray) -> Path:
     """Write ``array`` as ``.npy`` (memory-mappable), atomically."""
 
@@ -75,22 +41,6 @@ def atomic_write_npy(path: str | os.PathLike, array: np.ndarray) -> Path:
             np.save(f, np.ascontiguousarray(array), allow_pickle=False)
 
     return atomic_write(path, _write)
-
-
-def atomic_dir(final: Path, fill: Callable[[Path], None]) -> Path:
-    """Fill a temporary folder beside ``final``, then rename it to ``final`` (which must not exist)."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
-        fill(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
 
 
 def nifti_spacing(affine: np.ndarray) -> np.ndarray:

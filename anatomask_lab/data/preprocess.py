@@ -8,24 +8,22 @@ finished cases.
 
 Folder layout written by :func:`preprocess_dataset`::
 
-    <out>/dataset.json              channels, class table, spacing, splits, case list (written last)
+    <out>/dataset.json              channels, class table, spacing, splits, case list (written last; see
+                                    :mod:`anatomask_lab.data.dataset`)
     <out>/prepare.json              the settings; a rerun with other settings refuses to mix outputs
     <out>/cases/<id>/image.npy      float32 [C, X, Y, Z]
     <out>/cases/<id>/label.npy      uint8 (int16 for more than 255 classes) [X, Y, Z]   (labelled cases only)
     <out>/cases/<id>/fg.npy         int32 [N, 4] rows (class, x, y, z): sampled foreground voxels per class
-    <out>/cases/<id>/meta.json      original geometry, crop box, normalisation, classes present
+    <out>/cases/<id>/meta.json      source files, original geometry, crop box, normalisation, classes present
 
 Array axes x, y, z follow the canonical grid: world x (patient right), y (anterior), z (superior) increase with
-the index. Defaults: images resampled with a separable cubic (Keys) kernel after a Gaussian anti-aliasing filter
-along axes that are downsampled; labels with nearest neighbour (``label_mode="linear"`` resamples one-hot channels
-linearly and takes the arg-max). CT is clipped to the 0.5 / 99.5 percentiles of the case's body voxels and
-z-scored with their mean and standard deviation (``clip=False`` for a plain z-score); other modalities are
-z-scored over non-zero voxels.
+the index. Resampling and normalisation live in :mod:`anatomask_lab.data.resample`, class tables and label
+loading in :mod:`anatomask_lab.data.labels`; this module drives them. :mod:`anatomask_lab.data.reference` reads a
+prepared case's ground truth again through the same label code, in the original geometry, for evaluation.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import os
 import shutil
@@ -37,19 +35,22 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from scipy import ndimage, sparse
 
-from anatomask_lab.data.io import (
-    DataError,
-    atomic_dir,
-    atomic_write_json,
-    check_same_grid,
-    load_nifti,
-    nifti_spacing,
-    save_nifti,
+from anatomask_lab.data.dataset import FORMAT, CaseEntry, DatasetInfo, check_case_id, read_case_meta
+from anatomask_lab.data.io import DataError, atomic_dir, atomic_write_json, check_same_grid, load_nifti, nifti_spacing
+from anatomask_lab.data.labels import LabelTable, load_case_label, make_label_table
+from anatomask_lab.data.resample import (
+    CT_BODY_HU,
+    normalise,
+    resample_image,
+    resample_label,
+    restore_to_original,
+    write_prediction,
 )
 
 __all__ = [
+    "CT_BODY_HU",
+    "FORMAT",
     "CaseSource",
     "LabelTable",
     "make_label_table",
@@ -63,8 +64,6 @@ __all__ = [
     "write_prediction",
 ]
 
-FORMAT = "anatomask-lab preprocessed v1"
-CT_BODY_HU = -500.0  # CT voxels above this (holes filled per slice) are the body used for statistics
 FG_PER_CLASS = 1000  # foreground voxels kept per class for oversampling
 
 
@@ -92,247 +91,27 @@ class CaseSource:
 
     @property
     def has_label(self) -> bool:
+        """Whether the case brings a label map or masks."""
         return self.label is not None or bool(self.masks)
-
-
-@dataclass(frozen=True)
-class LabelTable:
-    """Output classes 1..K and, for each, the source structures merged into it.
-
-    ``source_names[i]`` is the source class with value ``i + 1`` in a label-map release (or the mask name).
-    """
-
-    names: tuple[str, ...]
-    sources: tuple[tuple[str, ...], ...]
-    source_names: tuple[str, ...]
-
-    def lut(self) -> np.ndarray:
-        """Look-up table source value -> output id, int64 [len(source_names) + 1]."""
-        index = {n: i + 1 for i, n in enumerate(self.source_names)}
-        lut = np.zeros(len(self.source_names) + 1, dtype=np.int64)
-        for out_id, srcs in enumerate(self.sources, start=1):
-            for s in srcs:
-                lut[index[s]] = out_id
-        return lut
-
-    def mask_ids(self) -> dict[str, int]:
-        """Source structure name -> output id, for the selected structures only."""
-        return {s: i for i, srcs in enumerate(self.sources, start=1) for s in srcs}
-
-    @property
-    def dtype(self):
-        return np.uint8 if len(self.names) < 256 else np.int16
-
-
-def make_label_table(source_names: Sequence[str], classes: Sequence[str] | None = None) -> LabelTable:
-    """Build the output class table from a source table and an optional selection.
-
-    Args:
-        source_names: the release's classes in value order (value 1 first) or its structure names.
-        classes: ``None`` keeps every source class in order; otherwise entries ``name`` (a source class) or
-            ``name=pattern[+pattern...]`` (a group of source classes matched with shell wildcards, e.g.
-            ``vertebrae=vertebrae_*``). Output ids follow the entry order; each source class joins the first
-            entry that matches it; unselected classes become background.
-
-    Raises:
-        DataError: an entry matches nothing, or a name repeats.
-    """
-    source_names = tuple(source_names)
-    if classes is None:
-        return LabelTable(source_names, tuple((n,) for n in source_names), source_names)
-    names, sources, taken = [], [], set()
-    for entry in classes:
-        entry = entry.strip()
-        if not entry:
-            continue
-        name, _, pattern = entry.partition("=")
-        pats = pattern.split("+") if pattern else [name]
-        found = [s for s in source_names if any(fnmatch.fnmatchcase(s, p) for p in pats) and s not in taken]
-        if not found:
-            raise DataError(f"class '{entry}': matches no structure of the source class table "
-                            f"({len(source_names)} classes, e.g. {', '.join(source_names[:5])})")
-        if name in names:
-            raise DataError(f"class '{name}' is listed twice")
-        taken.update(found)
-        names.append(name)
-        sources.append(tuple(found))
-    if not names:
-        raise DataError("empty class selection")
-    return LabelTable(tuple(names), tuple(sources), source_names)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Resampling
-
-
-def _new_length(n: int, ratio: float) -> int:
-    return int(np.floor((n - 1) / ratio + 1e-6)) + 1
-
-
-def _interp_matrix(n_old: int, n_new: int, ratio: float, kind: str) -> sparse.csr_matrix:
-    """Sparse [n_new, n_old] matrix sampling position ``i * ratio`` with a cubic (Keys, a=-0.5) or linear kernel."""
-    pos = np.arange(n_new) * ratio
-    base = np.floor(pos).astype(np.int64)
-    frac = pos - base
-    if kind == "linear":
-        offs = np.array([0, 1])
-        w = np.stack([1 - frac, frac], 1)
-    else:
-        offs = np.array([-1, 0, 1, 2])
-        t = np.abs(frac[:, None] - offs[None, :])
-        a = -0.5
-        w = np.where(t <= 1, (a + 2) * t**3 - (a + 3) * t**2 + 1,
-                     np.where(t < 2, a * t**3 - 5 * a * t**2 + 8 * a * t - 4 * a, 0.0))
-    cols = np.clip(base[:, None] + offs[None, :], 0, n_old - 1)
-    rows = np.repeat(np.arange(n_new), len(offs))
-    return sparse.csr_matrix((w.ravel().astype(np.float32), (rows, cols.ravel())), shape=(n_new, n_old))
-
-
-def _apply_axis(arr: np.ndarray, mat: sparse.csr_matrix, axis: int) -> np.ndarray:
-    moved = np.moveaxis(arr, axis, 0)
-    rest = moved.shape[1:]
-    out = mat @ moved.reshape(moved.shape[0], -1)
-    return np.moveaxis(np.asarray(out).reshape(mat.shape[0], *rest), 0, axis)
-
-
-def resample_image(image: np.ndarray, ratio: Sequence[float], *, kind: str = "cubic",
-                   antialias: bool = True) -> np.ndarray:
-    """Resample a 3D volume so that new voxel ``i`` sits at old voxel position ``i * ratio`` (per axis).
-
-    Args:
-        image: float [X, Y, Z].
-        ratio: new spacing / old spacing per axis.
-        kind: ``"cubic"`` (Keys, smooth) or ``"linear"``.
-        antialias: Gaussian pre-filter (sigma = (ratio - 1) / 2 voxels) along downsampled axes.
-
-    Returns:
-        float32 [X', Y', Z'] with ``X' = floor((X - 1) / ratio_x) + 1``.
-    """
-    out = np.asarray(image, dtype=np.float32)
-    for axis, r in enumerate(ratio):
-        n = out.shape[axis]
-        if abs(r - 1.0) < 1e-6:
-            continue
-        if antialias and r > 1.0:
-            out = ndimage.gaussian_filter1d(out, sigma=(r - 1.0) / 2.0, axis=axis, mode="nearest")
-        out = _apply_axis(out, _interp_matrix(n, _new_length(n, r), r, kind), axis)
-    return np.ascontiguousarray(out, dtype=np.float32)
-
-
-def _nearest_index(n_old: int, n_new: int, ratio: float) -> np.ndarray:
-    return np.clip(np.rint(np.arange(n_new) * ratio).astype(np.int64), 0, n_old - 1)
-
-
-def resample_label(label: np.ndarray, ratio: Sequence[float], *, mode: str = "nearest",
-                   shape: Sequence[int] | None = None) -> np.ndarray:
-    """Resample an integer label map on the same grid convention as :func:`resample_image`.
-
-    Args:
-        label: int [X, Y, Z].
-        ratio: new spacing / old spacing per axis.
-        mode: ``"nearest"`` or ``"linear"`` (each class as a one-hot channel, linear, then arg-max).
-        shape: output shape (default ``floor((n - 1) / ratio) + 1``).
-    """
-    shape = tuple(shape) if shape is not None else tuple(
-        _new_length(n, r) for n, r in zip(label.shape, ratio, strict=True))
-    if mode == "nearest":
-        idx = [_nearest_index(n, m, r) for n, m, r in zip(label.shape, shape, ratio, strict=True)]
-        return np.ascontiguousarray(label[np.ix_(*idx)])
-    if mode != "linear":
-        raise ValueError(f"label mode must be 'nearest' or 'linear', not {mode!r}")
-    mats = [_interp_matrix(n, m, r, "linear") for n, m, r in zip(label.shape, shape, ratio, strict=True)]
-    best = np.full(shape, -1.0, dtype=np.float32)
-    out = np.zeros(shape, dtype=label.dtype)
-    for c in np.unique(label):
-        p = (label == c).astype(np.float32)
-        for axis, m in enumerate(mats):
-            p = _apply_axis(p, m, axis)
-        better = p > best
-        out[better] = c
-        best[better] = p[better]
-    return out
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Normalisation
-
-
-def _body_mask(ct: np.ndarray) -> np.ndarray:
-    """CT voxels above ``CT_BODY_HU`` with holes (lungs, bowel gas) filled slice by slice."""
-    mask = ct > CT_BODY_HU
-    for k in range(mask.shape[2]):
-        if mask[:, :, k].any():
-            mask[:, :, k] = ndimage.binary_fill_holes(mask[:, :, k])
-    return mask
-
-
-def normalise(image: np.ndarray, modality: str, *, clip: bool = True, percentiles=(0.5, 99.5),
-              path: str = "") -> tuple[np.ndarray, dict]:
-    """Z-score one channel; CT optionally clipped to body percentiles first (nnU-Net's CT scheme, per case).
-
-    Args:
-        image: float32 [X, Y, Z] (HU for CT).
-        modality: ``"CT"`` uses the body mask and clipping; others use non-zero voxels, no clipping.
-        clip: clip CT to the ``percentiles`` of the body voxels.
-        path: named in errors.
-
-    Returns:
-        ``(normalised float32 [X, Y, Z], stats)`` with ``mean``, ``std``, ``clip`` (or None), ``fg_voxels``.
-
-    Raises:
-        DataError: the volume (or its foreground) is constant.
-    """
-    fg = _body_mask(image) if modality == "CT" else image != 0
-    if fg.sum() < 2:
-        fg = np.ones(image.shape, bool)
-    values = image[fg]
-    bounds = None
-    if clip and modality == "CT":
-        lo, hi = np.percentile(values, percentiles)
-        bounds = [float(lo), float(hi)]
-        image = np.clip(image, lo, hi)
-        values = np.clip(values, lo, hi)
-    mean, std = float(values.mean()), float(values.std())
-    if not np.isfinite(std) or std < 1e-6:
-        raise DataError(f"{path}: constant (zero-variance) volume, cannot normalise")
-    out = ((image - mean) / std).astype(np.float32)
-    return out, {"mean": mean, "std": std, "clip": bounds, "fg_voxels": int(fg.sum())}
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # One case
 
 
-def _load_label_map(path: Path, shape, affine, ref: Path, table: LabelTable) -> np.ndarray:
-    data, aff, _ = load_nifti(path, dtype=None)
-    check_same_grid(shape, affine, ref, data.shape, aff, path)
-    if data.dtype.kind == "f":
-        if not np.all(np.mod(data, 1) == 0):
-            raise DataError(f"{path}: label map has non-integer values")
-    data = data.astype(np.int64)
-    n = len(table.source_names)
-    bad = (data < 0) | (data > n)
-    if bad.any():
-        vals = np.unique(data[bad])[:10].tolist()
-        raise DataError(f"{path}: label values {vals} outside the class table (0..{n})")
-    return table.lut()[data].astype(table.dtype)
-
-
-def _load_masks(masks, shape, affine, ref: Path, table: LabelTable) -> np.ndarray:
-    """Merge binary masks into a label map; where masks overlap, the structure later in the source table wins."""
-    ids = table.mask_ids()
-    order = {n: i for i, n in enumerate(table.source_names)}
-    out = np.zeros(shape, dtype=table.dtype)
-    for name, path in sorted(masks, key=lambda m: order.get(m[0], -1)):
-        if name not in ids:
-            continue
-        data, aff, _ = load_nifti(path, dtype=None)
-        check_same_grid(shape, affine, ref, data.shape, aff, path)
-        vals = np.unique(data)
-        if not np.all(np.isin(vals, (0, 1))):
-            raise DataError(f"{path}: mask values {vals[:10].tolist()} outside {{0, 1}}")
-        out[data > 0] = ids[name]
-    return out
+def _load_channels(source: CaseSource) -> tuple[list[np.ndarray], np.ndarray, nib.Nifti1Image]:
+    """Every channel on the canonical grid of the first, checked; returns ``(channels, affine, original image)``."""
+    ref = source.images[0]
+    data, affine, orig = load_nifti(ref)
+    chans = [data]
+    for p in source.images[1:]:
+        d, a, _ = load_nifti(p)
+        check_same_grid(data.shape, affine, ref, d.shape, a, p)
+        chans.append(d)
+    for p, d in zip(source.images, chans, strict=True):
+        if float(d.max()) == float(d.min()):
+            raise DataError(f"{p}: constant (zero-variance) volume, value {float(d.min())}")
+    return chans, affine, orig
 
 
 def _nonzero_box(images: list[np.ndarray]) -> list[list[int]]:
@@ -360,6 +139,40 @@ def _fg_locations(label: np.ndarray, seed: int) -> np.ndarray:
     return np.concatenate(rows).astype(np.int32) if rows else np.zeros((0, 4), np.int32)
 
 
+def _cropped_affine(affine: np.ndarray, box, ratio: np.ndarray) -> np.ndarray:
+    """Affine of the cropped, resampled grid: origin moved to the crop corner, axes scaled by ``ratio``."""
+    out = affine.copy()
+    out[:3, 3] = affine[:3, :3] @ np.array([b[0] for b in box]) + affine[:3, 3]
+    out[:3, :3] = affine[:3, :3] * ratio[None, :]
+    return out
+
+
+def _source_meta(source: CaseSource) -> dict:
+    return {"images": [str(p) for p in source.images], "label": str(source.label) if source.label else None,
+            "masks": len(source.masks), "mask_files": {n: str(p) for n, p in source.masks}, **dict(source.info)}
+
+
+def _case_meta(source: CaseSource, orig, data_shape, affine, box, spacing, image, label, stats) -> dict:
+    return {
+        "case_id": source.case_id,
+        "source": _source_meta(source),
+        "modalities": list(source.modalities),
+        "original": {"shape": [int(n) for n in orig.shape[:3]], "affine": np.asarray(orig.affine).tolist(),
+                     "spacing": nifti_spacing(orig.affine).tolist(),
+                     "axcodes": "".join(nib.aff2axcodes(orig.affine))},
+        "canonical": {"shape": [int(n) for n in data_shape], "affine": affine.tolist()},
+        "crop_box": box,
+        "spacing": [float(s) for s in spacing],
+        "shape": [int(n) for n in image.shape[1:]],
+        "affine": _cropped_affine(affine, box, np.asarray(spacing, float) / nifti_spacing(affine)).tolist(),
+        "normalisation": stats,
+        "pad_value": [float(c.min()) for c in image],
+        "has_label": label is not None,
+        "classes_present": sorted(int(c) for c in np.unique(label) if c) if label is not None else [],
+        "split": source.split,
+    }
+
+
 def preprocess_case(source: CaseSource, table: LabelTable | None, *, spacing=(1.5, 1.5, 1.5), clip: bool = True,
                     label_mode: str = "nearest", image_kind: str = "cubic") -> dict:
     """Load, check, reorient, crop, resample and normalise one case (nothing is written).
@@ -371,62 +184,22 @@ def preprocess_case(source: CaseSource, table: LabelTable | None, *, spacing=(1.
         DataError: unreadable or truncated file, not 3D, non-finite voxels, constant volume, channels or label on
             another grid (shape or affine), label values outside the class table.
     """
-    chans, ref = [], source.images[0]
-    data, affine, orig = load_nifti(ref)
-    chans.append(data)
-    for p in source.images[1:]:
-        d, a, _ = load_nifti(p)
-        check_same_grid(data.shape, affine, ref, d.shape, a, p)
-        chans.append(d)
-    for p, d in zip(source.images, chans, strict=True):
-        if float(d.max()) == float(d.min()):
-            raise DataError(f"{p}: constant (zero-variance) volume, value {float(d.min())}")
-    label = None
-    if source.label is not None and table is not None:
-        label = _load_label_map(source.label, data.shape, affine, ref, table)
-    elif source.masks and table is not None:
-        label = _load_masks(source.masks, data.shape, affine, ref, table)
-
+    chans, affine, orig = _load_channels(source)
+    shape = chans[0].shape
+    label = load_case_label(source.label, source.masks, shape, affine, source.images[0], table)
     box = _nonzero_box(chans)
     sl = tuple(slice(a, b) for a, b in box)
-    old_sp = nifti_spacing(affine)
-    ratio = np.asarray(spacing, float) / old_sp
-    crop_affine = affine.copy()
-    crop_affine[:3, 3] = affine[:3, :3] @ np.array([b[0] for b in box]) + affine[:3, 3]
-    new_affine = crop_affine.copy()
-    new_affine[:3, :3] = crop_affine[:3, :3] * ratio[None, :]
-
+    ratio = np.asarray(spacing, float) / nifti_spacing(affine)
     out, stats = [], []
     for p, d, mod in zip(source.images, chans, source.modalities, strict=True):
-        r = resample_image(d[sl], ratio, kind=image_kind)
-        n, s = normalise(r, mod, clip=clip, path=str(p))
+        n, s = normalise(resample_image(d[sl], ratio, kind=image_kind), mod, clip=clip, path=str(p))
         out.append(n)
         stats.append(s)
     image = np.stack(out)
     if label is not None:
         label = resample_label(label[sl], ratio, mode=label_mode, shape=image.shape[1:])
-    seed = zlib.crc32(source.case_id.encode())
-    fg = _fg_locations(label, seed) if label is not None else np.zeros((0, 4), np.int32)
-    meta = {
-        "case_id": source.case_id,
-        "source": {"images": [str(p) for p in source.images],
-                   "label": str(source.label) if source.label else None,
-                   "masks": len(source.masks), **dict(source.info)},
-        "modalities": list(source.modalities),
-        "original": {"shape": [int(n) for n in orig.shape[:3]], "affine": np.asarray(orig.affine).tolist(),
-                     "spacing": nifti_spacing(orig.affine).tolist(),
-                     "axcodes": "".join(nib.aff2axcodes(orig.affine))},
-        "canonical": {"shape": [int(n) for n in data.shape], "affine": affine.tolist()},
-        "crop_box": box,
-        "spacing": [float(s) for s in spacing],
-        "shape": [int(n) for n in image.shape[1:]],
-        "affine": new_affine.tolist(),
-        "normalisation": stats,
-        "pad_value": [float(c.min()) for c in image],
-        "has_label": label is not None,
-        "classes_present": sorted(int(c) for c in np.unique(label) if c) if label is not None else [],
-        "split": source.split,
-    }
+    fg = _fg_locations(label, zlib.crc32(source.case_id.encode())) if label is not None else np.zeros((0, 4), np.int32)
+    meta = _case_meta(source, orig, shape, affine, box, spacing, image, label, stats)
     return {"image": image, "label": label, "fg": fg, "meta": meta}
 
 
@@ -484,9 +257,84 @@ def _check_sources(cases: Sequence[CaseSource]) -> None:
             raise DataError(f"case id {c.case_id!r} appears twice ({c.images[0]})")
         if not c.case_id or any(ch in c.case_id for ch in "/\\ ") or c.case_id.startswith("."):
             raise DataError(f"{c.images[0]}: unusable case id {c.case_id!r}")
+        check_case_id(c.case_id, c.images[0])
         if len(c.modalities) != len(c.images):
             raise DataError(f"{c.images[0]}: {len(c.images)} channels but {len(c.modalities)} modalities")
         seen.add(c.case_id)
+
+
+def _settings(name, channels, table, spacing, clip, label_mode, image_kind) -> dict:
+    """The settings stamped into ``prepare.json`` (a rerun must match them)."""
+    return {
+        "format": FORMAT, "name": name, "channels": list(channels), "spacing": [float(s) for s in spacing],
+        "clip": bool(clip), "label_mode": label_mode, "image_kind": image_kind,
+        "classes": list(table.names) if table else None,
+        "class_sources": [list(s) for s in table.sources] if table else None,
+    }
+
+
+def _stamp(out: Path, settings: dict) -> None:
+    """Write ``prepare.json``, or refuse when the folder was prepared with other settings."""
+    stamp = out / "prepare.json"
+    if not stamp.is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(stamp, settings)
+        return
+    old = _read_json(stamp)
+    if old != settings:
+        diff = sorted(k for k in settings if old.get(k) != settings[k])
+        raise DataError(f"{out}: already holds a dataset prepared with other settings ({', '.join(diff)}); "
+                        "use a new output folder")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path}: not valid JSON ({exc})") from exc
+
+
+def _run_jobs(jobs: list, workers: int, desc: str, progress: bool) -> None:
+    """Run :func:`_write_case` over ``jobs`` here (``workers <= 1``) or in a process pool; the first error stops."""
+    from tqdm.auto import tqdm
+
+    with tqdm(total=len(jobs), desc=desc, unit="case", disable=not progress) as bar:
+        if workers <= 1:
+            for job in jobs:
+                _write_case(job)
+                bar.update()
+            return
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            pending = {pool.submit(_write_case, j) for j in jobs}
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                bar.update(len(done))
+                failed = next((f for f in done if f.exception() is not None), None)
+                if failed is not None:
+                    for p in pending:
+                        p.cancel()
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    raise failed.exception()
+
+
+def _case_entries(cases: Sequence[CaseSource], out: Path, seed: int, split_groups) -> tuple[list[CaseEntry], str]:
+    """Case entries with their splits, and where the splits come from.
+
+    The data set's own splits when any case carries one (cases without one go to ``train``), else 70/10/20 of the
+    labelled cases with ``seed`` (unlabelled cases go to ``train``, for pretraining).
+    """
+    metas = [read_case_meta(out, c.case_id) for c in cases]
+    if any(c.split for c in cases):
+        split_of = {c.case_id: c.split or "train" for c in cases}
+        split_source = "data set"
+    else:
+        labelled = [c.case_id for c, m in zip(cases, metas, strict=True) if m["has_label"]]
+        groups = dict(zip([c.case_id for c in cases], split_groups, strict=True)) if split_groups else None
+        split_of = random_splits(labelled, seed, groups=[groups[i] for i in labelled] if groups else None)
+        split_source = f"random 70/10/20 of labelled cases, seed {seed}; unlabelled cases in train"
+    entries = [CaseEntry(c.case_id, bool(m["has_label"]), split_of.get(c.case_id, "train"), tuple(m["shape"]))
+               for c, m in zip(cases, metas, strict=True)]
+    return entries, split_source
 
 
 def preprocess_dataset(
@@ -534,132 +382,30 @@ def preprocess_dataset(
         DataError: bad input (see :func:`preprocess_case`), or ``out_dir`` holds output made with other settings.
         Cases finished before the failure stay on disk; ``dataset.json`` is only written after all succeed.
     """
-    from tqdm.auto import tqdm
-
     _check_sources(cases)
     out = Path(out_dir)
     if np.ndim(spacing) == 0:
         spacing = (float(spacing),) * 3
-    settings = {
-        "format": FORMAT, "name": name, "channels": list(channels), "spacing": [float(s) for s in spacing],
-        "clip": bool(clip), "label_mode": label_mode, "image_kind": image_kind,
-        "classes": list(table.names) if table else None,
-        "class_sources": [list(s) for s in table.sources] if table else None,
-    }
-    stamp = out / "prepare.json"
-    if stamp.is_file():
-        old = json.loads(stamp.read_text())
-        if old != settings:
-            diff = sorted(k for k in settings if old.get(k) != settings[k])
-            raise DataError(f"{out}: already holds a dataset prepared with other settings ({', '.join(diff)}); "
-                            "use a new output folder")
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(stamp, settings)
-
+    settings = _settings(name, channels, table, spacing, clip, label_mode, image_kind)
+    _stamp(out, settings)
     for stale in (out / "cases").glob(".*.tmp-*"):  # left by a killed run; never a finished case
         shutil.rmtree(stale, ignore_errors=True)
     jobs = [(c, table, settings, str(out)) for c in cases]
-    workers = min(os.cpu_count() or 1, len(jobs)) if workers is None else workers
-    bar = tqdm(total=len(jobs), desc=f"prepare {name}", unit="case", disable=not progress)
-    if workers <= 1:
-        for job in jobs:
-            _write_case(job)
-            bar.update()
-    else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            futures = [pool.submit(_write_case, j) for j in jobs]
-            pending = set(futures)
-            while pending:
-                done, pending = wait(pending, return_when=FIRST_EXCEPTION)
-                bar.update(len(done))
-                for f in done:
-                    if f.exception() is not None:
-                        for p in pending:
-                            p.cancel()
-                        pool.shutdown(wait=True, cancel_futures=True)
-                        raise f.exception()
-    bar.close()
-
-    # dataset.json
-    entries = []
-    for c in cases:
-        meta = json.loads((out / "cases" / c.case_id / "meta.json").read_text())
-        entries.append({"id": c.case_id, "has_label": bool(meta["has_label"]), "split": c.split,
-                        "shape": meta["shape"]})
-    own = any(e["split"] for e in entries)
-    if own:
-        for e in entries:
-            e["split"] = e["split"] or "train"
-        split_source = "data set"
-    else:
-        labelled = [e["id"] for e in entries if e["has_label"]]
-        groups = dict(zip([c.case_id for c in cases], split_groups, strict=True)) if split_groups else None
-        assign = random_splits(labelled, seed, groups=[groups[i] for i in labelled] if groups else None)
-        for e in entries:
-            e["split"] = assign.get(e["id"], "train")
-        split_source = f"random 70/10/20 of labelled cases, seed {seed}; unlabelled cases in train"
-    splits = {s: [e["id"] for e in entries if e["split"] == s] for s in ("train", "val", "test")}
-    class_names = ["background", *(table.names if table else ())]
-    dataset = {
-        "format": FORMAT,
-        "name": name,
-        "channels": list(channels),
-        "labels": {n: i for i, n in enumerate(class_names)},
-        "class_names": class_names,
-        "class_sources": {n: list(s) for n, s in zip(table.names, table.sources, strict=True)} if table else {},
-        "spacing": settings["spacing"],
-        "axes": "image [C, x, y, z], label [x, y, z]; canonical RAS+ grid (x right, y anterior, z superior)",
-        "label_dtype": np.dtype(table.dtype).name if table else None,
-        "normalisation": ("CT: clip to body 0.5/99.5 percentiles, z-score" if clip else "CT: z-score") +
-                         "; other modalities: z-score over non-zero voxels (per case)",
-        "split_source": split_source,
-        "splits": splits,
-        "num_cases": len(entries),
-        "cases": entries,
-        **(extra or {}),
-    }
-    atomic_write_json(out / "dataset.json", dataset)
+    _run_jobs(jobs, min(os.cpu_count() or 1, len(jobs)) if workers is None else workers, f"prepare {name}",
+              progress)
+    entries, split_source = _case_entries(cases, out, seed, split_groups)
+    DatasetInfo(
+        name=name,
+        channels=tuple(channels),
+        class_names=("background", *(table.names if table else ())),
+        class_sources={n: s for n, s in zip(table.names, table.sources, strict=True)} if table else {},
+        source_classes=table.source_names if table else (),
+        spacing=tuple(settings["spacing"]),
+        cases=tuple(entries),
+        normalisation=("CT: clip to body 0.5/99.5 percentiles, z-score" if clip else "CT: z-score")
+        + "; other modalities: z-score over non-zero voxels (per case)",
+        split_source=split_source,
+        label_dtype=np.dtype(table.dtype).name if table else None,
+        extra=dict(extra or {}),
+    ).write(out)
     return out
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Back to the original geometry
-
-
-def restore_to_original(label_array: np.ndarray, case_meta: dict) -> np.ndarray:
-    """Map a label map on the preprocessed grid back to the original file's grid (shape and orientation).
-
-    Nearest-neighbour inverse of the resampling, placed into the crop box (zeros outside), then re-oriented from
-    canonical to the stored orientation.
-
-    Args:
-        label_array: int [X', Y', Z'] on the preprocessed grid (``case_meta["shape"]``).
-        case_meta: the case's ``meta.json`` (dict).
-
-    Returns:
-        Array [original shape] in the original voxel order, same dtype as ``label_array``.
-    """
-    label_array = np.asarray(label_array)
-    if tuple(label_array.shape) != tuple(case_meta["shape"]):
-        raise DataError(f"case {case_meta['case_id']}: prediction shape {label_array.shape} differs from the "
-                        f"preprocessed shape {tuple(case_meta['shape'])}")
-    canon_aff = np.asarray(case_meta["canonical"]["affine"])
-    old_sp = nifti_spacing(canon_aff)
-    ratio = np.asarray(case_meta["spacing"], float) / old_sp
-    box = case_meta["crop_box"]
-    crop_shape = [b - a for a, b in box]
-    idx = [np.clip(np.rint(np.arange(n) / r).astype(np.int64), 0, m - 1)
-           for n, r, m in zip(crop_shape, ratio, label_array.shape, strict=True)]
-    canon = np.zeros(case_meta["canonical"]["shape"], dtype=label_array.dtype)
-    canon[tuple(slice(a, b) for a, b in box)] = label_array[np.ix_(*idx)]
-    orig_ornt = nib.orientations.io_orientation(np.asarray(case_meta["original"]["affine"]))
-    to_orig = nib.orientations.ornt_transform(nib.orientations.axcodes2ornt(("R", "A", "S")), orig_ornt)
-    return np.ascontiguousarray(nib.orientations.apply_orientation(canon, to_orig))
-
-
-def write_prediction(label_array: np.ndarray, case_meta: dict, path) -> Path:
-    """Restore a preprocessed-grid label map (:func:`restore_to_original`) and write it with the original affine."""
-    restored = restore_to_original(label_array, case_meta)
-    dtype = np.uint8 if restored.max(initial=0) < 256 and restored.min(initial=0) >= 0 else np.int16
-    return save_nifti(path, restored, np.asarray(case_meta["original"]["affine"]), dtype=dtype)

@@ -8,7 +8,6 @@ epoch (with ``persistent_workers=False`` so that workers see the new epoch).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,27 +15,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from anatomask_lab.data.dataset import DatasetInfo, case_dir, read_case_meta
 from anatomask_lab.data.io import DataError
 
-__all__ = ["MAX_PATCH_EDGE", "PatchDataset", "check_patch_size", "extract_patch", "load_case", "read_dataset_json"]
+__all__ = ["MAX_PATCH_EDGE", "PatchDataset", "check_patch_size", "extract_patch", "load_case"]
 
 #: Largest patch edge accepted (voxels); 512 at 1.5 mm is 77 cm, more than any body.
 MAX_PATCH_EDGE = 512
-
-
-def read_dataset_json(dataset_dir) -> dict:
-    """Read ``<dataset_dir>/dataset.json`` written by :func:`~anatomask_lab.data.preprocess.preprocess_dataset`.
-
-    Raises:
-        DataError: the folder or its ``dataset.json`` is missing or unreadable.
-    """
-    path = Path(dataset_dir) / "dataset.json"
-    if not path.is_file():
-        raise DataError(f"{path}: not found; is {dataset_dir} a prepared dataset folder (run `anatomask-lab prepare`)?")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: not valid JSON ({exc})") from exc
 
 
 def load_case(dataset_dir, case_id: str):
@@ -47,12 +32,10 @@ def load_case(dataset_dir, case_id: str):
         None; ``meta`` the case's metadata dict (plus ``"fg"``: int32 [N, 4] foreground rows (class, x, y, z)).
 
     Raises:
-        DataError: the case folder or its files are missing.
+        DataError: an unsafe case id, or the case folder or its files are missing.
     """
-    d = Path(dataset_dir) / "cases" / case_id
-    if not (d / "meta.json").is_file():
-        raise DataError(f"{d}: no preprocessed case {case_id!r} (meta.json missing)")
-    meta = json.loads((d / "meta.json").read_text())
+    meta = read_case_meta(dataset_dir, case_id)
+    d = case_dir(dataset_dir, case_id)
     try:
         image = np.load(d / "image.npy", mmap_mode="r")
         label = np.load(d / "label.npy", mmap_mode="r") if (d / "label.npy").is_file() else None
@@ -149,23 +132,13 @@ class PatchDataset(Dataset):
         divisor: int = 1,
     ) -> None:
         self.dataset_dir = Path(dataset_dir)
-        self.info = read_dataset_json(self.dataset_dir)
+        self.info = DatasetInfo.read(self.dataset_dir)
         self.patch_size = check_patch_size(patch_size, divisor=divisor)
         if not 0.0 <= fg_oversample <= 1.0:
             raise DataError(f"fg_oversample {fg_oversample}: expected a probability in [0, 1]")
-        by_id = {c["id"]: c for c in self.info["cases"]}
-        if cases is None:
-            splits = {"train", "val", "test"} if split == "all" else {split} if isinstance(split, str) else set(split)
-            unknown = splits - {"train", "val", "test"}
-            if unknown:
-                raise DataError(f"unknown split(s) {sorted(unknown)}; use train, val, test or all")
-            cases = [c["id"] for c in self.info["cases"] if c["split"] in splits]
-        else:
-            missing = [c for c in cases if c not in by_id]
-            if missing:
-                raise DataError(f"{self.dataset_dir}: cases {missing[:5]} not in dataset.json")
+        cases = self._select(split, cases)
         if with_label:
-            cases = [c for c in cases if by_id[c]["has_label"]]
+            cases = [c for c in cases if self.info.case(c).has_label]
         if not cases:
             raise DataError(f"{self.dataset_dir}: no {'labelled ' if with_label else ''}cases in split {split!r}")
         self.case_ids = list(cases)
@@ -176,6 +149,13 @@ class PatchDataset(Dataset):
         self.samples_per_epoch = samples_per_epoch
         self.epoch = 0
         self._open: dict = {}
+
+    def _select(self, split: str | Sequence[str], cases: Sequence[str] | None) -> list[str]:
+        """Case ids of ``cases`` (each checked against ``dataset.json``) or of the named split(s), in file order."""
+        if cases is not None:
+            return [self.info.case(c).id for c in cases]
+        wanted = set().union(*(self.info.split(s) for s in ([split] if isinstance(split, str) else split)))
+        return [c for c in self.info.case_ids if c in wanted]
 
     def __getstate__(self):
         state = self.__dict__.copy()

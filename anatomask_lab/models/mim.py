@@ -30,19 +30,13 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..masking import mask_to_voxels, patch_loss
-from .sparse import SparseEncoder, check_mask, masked_instance_norm
+from ..masking import active_maps, check_mask, patch_loss
+from .sparse import SparseEncoder, masked_instance_norm
 from .stunet import Stride3, STUNetSpec, check_input, get_spec, init_he, normalize_strides, total_stride
 
 __all__ = ["DECODERS", "Densify", "LightDecoder", "MIMModel", "SimpleDecoder", "UpBlock", "build_mim", "mim_loss"]
 
 DECODERS = ("hierarchical", "simple")
-
-
-def _active_at(mask_bg: torch.Tensor, patch: Sequence[int], cum: Sequence[int]) -> torch.Tensor:
-    """Bool ``[B, 1, *S]`` active map at cumulative stride ``cum``."""
-    block = tuple(p // c for p, c in zip(patch, cum, strict=True))
-    return mask_to_voxels(~mask_bg, block).unsqueeze(1)
 
 
 def _init_decoder(module: nn.Module) -> None:
@@ -136,11 +130,11 @@ class LightDecoder(nn.Module):
     def forward(self, feats: list[torch.Tensor], mask_bg: torch.Tensor) -> torch.Tensor:
         """Stage outputs (shallowest first) + mask -> reconstruction ``[B, out_channels, *input]``."""
         n = len(self.blocks)
-        cums = [total_stride(self.strides[: k + 1]) for k in range(len(self.strides))]
+        acts = active_maps(mask_bg, self.patch_size, self.strides)  # acts[k + 1]: output of stage k
         x = None
         for i, (densify, block) in enumerate(zip(self.densify, self.blocks, strict=True)):
             k = n - i
-            d = densify(feats[k], _active_at(mask_bg, self.patch_size, cums[k]), self.norm_pooling)
+            d = densify(feats[k], acts[k + 1].unsqueeze(1), self.norm_pooling)
             x = block(d if x is None else x + d)
         return self.head(x)
 
@@ -185,7 +179,8 @@ class SimpleDecoder(nn.Module):
         _init_decoder(self)
 
     def forward(self, feats: list[torch.Tensor], mask_bg: torch.Tensor) -> torch.Tensor:
-        x = self.densify[0](feats[-1], _active_at(mask_bg, self.patch_size, self.patch_size), self.norm_pooling)
+        act_b1dhw = active_maps(mask_bg, self.patch_size, self.strides)[-1].unsqueeze(1)
+        x = self.densify[0](feats[-1], act_b1dhw, self.norm_pooling)
         for block in self.blocks:
             x = block(x)
         return self.head(x)

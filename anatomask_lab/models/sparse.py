@@ -2,7 +2,8 @@
 
 The mask travels as an argument: ``SparseEncoder.forward(x, mask_bg)`` with ``mask_bg`` the bool patch mask
 ``[B, *grid]``, True = masked (hidden). At stage ``k`` (cumulative stride ``s_k``) the *active* voxels are those of
-visible patches, i.e. ``mask_to_voxels(~mask_bg, patch // s_k)``. Semantics (SparK's, shared by both backends):
+visible patches, i.e. ``mask_to_voxels(~mask_bg, patch // s_k)`` (:func:`~anatomask_lab.masking.active_maps`).
+Semantics (SparK's, shared by both backends):
 
 * the input is zeroed on masked patches;
 * after every convolution the features at inactive positions are zero (a strided convolution's output is active
@@ -24,48 +25,18 @@ inactive positions, in both backends.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..masking import mask_to_voxels
-from .stunet import ResBlock, Stride3, STUNetEncoder, check_input, total_stride
+from ..masking import active_maps, check_mask
+from .stunet import ResBlock, STUNetEncoder, check_input, total_stride
 
-__all__ = ["BACKENDS", "NORM_POOLINGS", "SparseEncoder", "active_maps", "check_mask", "masked_instance_norm"]
+__all__ = ["BACKENDS", "NORM_POOLINGS", "SparseEncoder", "masked_instance_norm"]
 
 BACKENDS = ("masked", "spconv")
 NORM_POOLINGS = ("sample", "batch")
-
-
-def check_mask(mask_bg: torch.Tensor, x_bcdhw: torch.Tensor, patch: Sequence[int]) -> tuple[int, ...]:
-    """Check that ``mask_bg`` is a bool ``[B, *grid]`` matching ``x``; returns the grid.
-
-    Raises:
-        ValueError: naming the shapes, for a non-bool mask or a grid / batch that does not match the input.
-    """
-    grid = tuple(s // p for s, p in zip(x_bcdhw.shape[2:], patch, strict=True))
-    if not isinstance(mask_bg, torch.Tensor) or mask_bg.dtype != torch.bool:
-        got = mask_bg.dtype if isinstance(mask_bg, torch.Tensor) else type(mask_bg).__name__
-        raise ValueError(f"mask must be a bool tensor [B, *grid], got {got}")
-    if tuple(mask_bg.shape) != (x_bcdhw.shape[0], *grid):
-        raise ValueError(
-            f"mask of shape {tuple(mask_bg.shape)} does not match input {tuple(x_bcdhw.shape)}: expected "
-            f"{(x_bcdhw.shape[0], *grid)} (grid = spatial // patch {tuple(patch)})"
-        )
-    return grid
-
-
-def active_maps(mask_bg: torch.Tensor, patch: Sequence[int], strides: Sequence[Stride3]) -> list[torch.Tensor]:
-    """Active (visible) voxels at the input and after every stage: ``len(strides) + 1`` bool maps ``[B, *S_k]``."""
-    visible_bg = ~mask_bg
-    maps, cum = [], (1, 1, 1)
-    for stride in [(1, 1, 1), *strides]:
-        cum = tuple(c * s for c, s in zip(cum, stride, strict=True))
-        maps.append(mask_to_voxels(visible_bg, tuple(p // c for p, c in zip(patch, cum, strict=True))))
-    return maps
 
 
 def masked_instance_norm(
@@ -117,28 +88,27 @@ def _masked_block(block: ResBlock, x: torch.Tensor, act: torch.Tensor, act_f: to
 class SparseEncoder(STUNetEncoder):
     """The first 5 STU-Net stages executed sparsely on a patch-masked input (SparK's backbone contract).
 
+    The layout arguments are :class:`~.stunet.STUNetEncoder`'s, passed through unchanged, so that the two classes
+    are built the same way and share their state-dict keys.
+
     Args:
-        in_channels: input channels.
-        widths, blocks, strides: per-stage widths, block counts and strides (5 stages for STU-Net's MIM).
+        *encoder_args, **encoder_kwargs: :class:`~.stunet.STUNetEncoder`'s ``in_channels, widths, blocks, strides``
+            (5 stages for STU-Net's MIM) and ``grad_checkpointing`` (recompute each residual block in the backward
+            pass).
         backend: ``"masked"`` or ``"spconv"``; an attribute, switchable after construction.
         norm_pooling: ``"sample"`` or ``"batch"`` (see :func:`masked_instance_norm`).
-        grad_checkpointing: recompute each residual block in the backward pass.
         spconv_algo: ``"auto"`` (Native on CPU, implicit GEMM on CUDA), ``"native"`` or ``"implicit_gemm"``.
     """
 
     def __init__(
         self,
-        in_channels: int,
-        widths: Sequence[int],
-        blocks: Sequence[int],
-        strides: Sequence[Stride3],
-        *,
+        *encoder_args,
         backend: str = "masked",
         norm_pooling: str = "sample",
-        grad_checkpointing: bool = False,
         spconv_algo: str = "auto",
+        **encoder_kwargs,
     ):
-        super().__init__(in_channels, widths, blocks, strides, grad_checkpointing)
+        super().__init__(*encoder_args, **encoder_kwargs)
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if norm_pooling not in NORM_POOLINGS:

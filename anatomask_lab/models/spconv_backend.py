@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .sparse import active_maps
+from ..masking import active_maps
 from .stunet import ResBlock
 
 __all__ = ["SparseLevel", "build_levels", "neighbour_pairs", "spconv_encoder_forward", "sparse_instance_norm"]

@@ -1,6 +1,6 @@
 """STU-Net (Huang et al. 2023): a scalable residual U-Net for 3D segmentation, sizes tiny / S / B / L / H.
 
-Architecture facts (see ``shared/reference/method-notes.md``):
+Architecture facts (``docs/method.md``, section "STU-Net"):
 
 * 6 encoder stages; stage 0 has stride 1, stages 1-5 stride 2 (total 32); kernels 3; every stage is
   ``blocks`` residual blocks ``conv3 (stride s) -> InstanceNorm -> LeakyReLU -> conv3 -> InstanceNorm (+ shortcut)

@@ -3,17 +3,21 @@
 Every preparer module defines ``find_cases(src, ...)`` (scan and check the release layout), ``prepare(src, out,
 ...)`` (find, then :func:`anatomask_lab.data.preprocess.preprocess_dataset`), ``add_arguments(parser)`` and
 ``run(args)``. ``anatomask-lab prepare NAME`` and ``data_scripts/prepare_NAME.py`` both build their parser from
-:func:`add_prepare_arguments` and call ``run``: one code path.
+:func:`add_prepare_arguments` and call ``run``: one code path. :func:`reference_table` gives back the class table a
+prepared dataset was made with, so that its ground truth can be read again the preparer's way.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import sys
 from pathlib import Path
 from types import ModuleType
+
+from anatomask_lab.data.dataset import DatasetInfo
+from anatomask_lab.data.io import DataError
+from anatomask_lab.data.labels import LabelTable
 
 PREPARERS: tuple[str, ...] = ("totalsegmentator", "flare22", "amos22", "autopet2")
 
@@ -24,6 +28,8 @@ __all__ = [
     "common_options",
     "parse_classes",
     "preparer",
+    "reference_table",
+    "release_classes",
     "report",
     "script_main",
 ]
@@ -84,11 +90,48 @@ def parse_classes(text: str | None, presets: dict[str, tuple[str, ...]] | None =
 
 def report(out: Path) -> str:
     """One line describing a prepared dataset folder."""
-    ds = json.loads((Path(out) / "dataset.json").read_text())
-    n_lab = sum(c["has_label"] for c in ds["cases"])
-    sizes = ", ".join(f"{k} {len(v)}" for k, v in ds["splits"].items())
-    return (f"prepared {ds['num_cases']} cases ({n_lab} labelled; {sizes}), {len(ds['class_names']) - 1} classes, "
-            f"spacing {ds['spacing']} mm -> {out}")
+    info = DatasetInfo.read(out)
+    n_lab = sum(c.has_label for c in info.cases)
+    sizes = ", ".join(f"{k} {len(v)}" for k, v in info.splits.items())
+    spacing = list(info.spacing) if info.spacing is not None else None
+    return (f"prepared {len(info.cases)} cases ({n_lab} labelled; {sizes}), {max(info.num_classes - 1, 0)} classes, "
+            f"spacing {spacing} mm -> {out}")
+
+
+def release_classes(info: DatasetInfo) -> tuple[str, ...]:
+    """The release class table (value order) a dataset was prepared from.
+
+    ``dataset.json`` records it as ``source_classes``; for folders prepared before that, the preparer named by
+    ``info.name`` supplies its table (TotalSegmentator: the version in ``source_table``). Empty when unknown.
+    """
+    if info.source_classes or info.name not in PREPARERS:
+        return info.source_classes
+    mod = preparer(info.name)
+    if hasattr(mod, "TABLES"):
+        version = str(info.extra.get("source_table", "")).rpartition(" ")[2]
+        return tuple(mod.TABLES.get(version, ()))
+    return tuple(getattr(mod, "CLASSES", ()))
+
+
+def reference_table(info: DatasetInfo) -> LabelTable:
+    """The class table a prepared dataset was made with (:meth:`DatasetInfo.label_table` over the release table).
+
+    A folder prepared before ``source_classes`` was recorded, whose classes are the whole release table under
+    names that have changed since (one source each, as many as the release has), is read with its own names.
+
+    Raises:
+        DataError: an images-only dataset, or no release table fits its classes.
+    """
+    table = release_classes(info)
+    names = info.class_names[1:]
+    legacy = (not info.source_classes and len(names) == len(table)
+              and all(tuple(info.class_sources.get(n, (n,))) == (n,) for n in names))
+    if legacy and not set(names) <= set(table):
+        table = names
+    result = info.label_table(table)
+    if result is None:
+        raise DataError(f"{info.path or 'dataset.json'}: no classes (an images-only dataset)")
+    return result
 
 
 def add_cli(subparsers) -> None:

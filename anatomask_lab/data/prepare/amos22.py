@@ -11,8 +11,9 @@ import re
 from pathlib import Path
 
 from anatomask_lab.data.io import DataError
+from anatomask_lab.data.labels import make_label_table
 from anatomask_lab.data.prepare import common_options, parse_classes, report
-from anatomask_lab.data.preprocess import CaseSource, make_label_table, preprocess_dataset
+from anatomask_lab.data.preprocess import CaseSource, preprocess_dataset
 
 HELP = "AMOS22 (imagesTr/labelsTr/imagesVa/imagesTs; CT id < 500, MRI id >= 500)"
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from anatomask_lab.data.io import DataError
+from anatomask_lab.data.labels import make_label_table
 from anatomask_lab.data.prepare import common_options, report
-from anatomask_lab.data.preprocess import CaseSource, make_label_table, preprocess_dataset
+from anatomask_lab.data.preprocess import CaseSource, preprocess_dataset
 
 HELP = "AutoPET II (PETCT_*/<study>/{CTres,SUV,SEG}.nii.gz; CT + SUV channels, lesion label)"
 

@@ -12,15 +12,17 @@ import re
 from pathlib import Path
 
 from anatomask_lab.data.io import DataError
+from anatomask_lab.data.labels import make_label_table
 from anatomask_lab.data.prepare import common_options, parse_classes, report
-from anatomask_lab.data.preprocess import CaseSource, make_label_table, preprocess_dataset
+from anatomask_lab.data.preprocess import CaseSource, preprocess_dataset
 
 HELP = "FLARE22 (labelled FLARE22_Tr_* and unlabelled Case_*)"
 
-#: FLARE22 label values 1..13, with TotalSegmentator-style names.
+#: FLARE22 label values 1..13 with the names of the release's own ``dataset.json``; the one FLARE22 class table
+#: (:data:`anatomask_lab.metrics.FLARE22_CLASSES` is built from it).
 CLASSES: tuple[str, ...] = (
-    "liver", "kidney_right", "spleen", "pancreas", "aorta", "inferior_vena_cava", "adrenal_gland_right",
-    "adrenal_gland_left", "gallbladder", "esophagus", "stomach", "duodenum", "kidney_left",
+    "liver", "right kidney", "spleen", "pancreas", "aorta", "inferior vena cava", "right adrenal gland",
+    "left adrenal gland", "gallbladder", "esophagus", "stomach", "duodenum", "left kidney",
 )
 
 _IMAGE = re.compile(r"^(FLARE22_Tr_\d{4})_0000\.nii\.gz$")

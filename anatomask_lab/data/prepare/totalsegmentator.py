@@ -15,8 +15,9 @@ import csv
 from pathlib import Path
 
 from anatomask_lab.data.io import DataError
+from anatomask_lab.data.labels import make_label_table
 from anatomask_lab.data.prepare import common_options, parse_classes, report
-from anatomask_lab.data.preprocess import CaseSource, make_label_table, preprocess_dataset
+from anatomask_lab.data.preprocess import CaseSource, preprocess_dataset
 
 HELP = "TotalSegmentator v1/v2 release layout (also the phantom cohort)"
 
@@ -149,7 +150,7 @@ def prepare(src, out, *, classes=None, version: str = "auto", spacing=(1.5, 1.5,
 
     Args:
         classes: None (the version's full table), a preset name (``"phantom"``), or a list of entries
-            (``name`` or ``name=glob+glob``; see :func:`anatomask_lab.data.preprocess.make_label_table`).
+            (``name`` or ``name=glob+glob``; see :func:`anatomask_lab.data.labels.make_label_table`).
     """
     cases, version = find_cases(src, version)
     if isinstance(classes, str):
