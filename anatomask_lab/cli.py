@@ -22,6 +22,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "anatomask_lab.predict",
     "anatomask_lab.evaluate",
     "anatomask_lab.demo",
+    "anatomask_lab.study",
     "anatomask_lab.bench",
 )
 

@@ -53,6 +53,9 @@ class MaskingConfig:
     order: str = _f("high", "mask the hardest patches ('high', AnatoMask) or the easiest ('low' ablation)",
                     choices=("high", "low"))
     per_iteration: bool = _f(False, "advance r_t every iteration instead of every epoch")
+    rt_schedule: str = _f("paper", "r_t = r0 + t/T (rT - r0) from t = 0 ('paper', Eq. 3) or the authors' code's "
+                          "r0 + (t + 1)/(T - 1) (rT - r0), one epoch ahead ('reference')",
+                          choices=("paper", "reference"))
     normalize_ranking: bool = _f(True, "rank patches by the loss against per-patch normalised targets (as the "
                                  "student's loss); --no-normalize-ranking ranks by raw intensities (authors' code)")
 
@@ -71,6 +74,9 @@ class ModelConfig:
     norm_pooling: str = _f("sample", "masked-norm statistics per 'sample' or pooled over the 'batch' (authors' code)",
                            choices=("sample", "batch"))
     grad_checkpointing: bool = _f(False, "recompute the encoder's blocks in the backward pass (saves memory)")
+    init: str = _f("he", "weight initialisation: 'he' (nnU-Net's He init of the encoder, as STU-Net finetuning "
+                   "builds it) or 'reference' (PyTorch's default init, as the authors' pretraining leaves it)",
+                   choices=("he", "reference"))
     strides: tuple[tuple[int, int, int], ...] | None = _f(
         None, "per-stage encoder strides of the 5 MIM stages, each 1 or 2 per axis (e.g. 1 2 2 2 2 or 1 1,2,2 ...); "
         "the mask patch is their product (auto: 1 2 2 2 2, 16 voxels)")
@@ -138,6 +144,8 @@ class FinetuneConfig:
     init: str = _f("scratch", "'scratch', a pretraining run folder / checkpoint, or an exported encoder")
     patch_size: tuple[int, int, int] = _f((128, 128, 128), "training crop in voxels, multiples of 32 (the network "
                                           "downsamples by 32; STU-Net's plans use 128^3)")
+    labelled_cases: int | None = _f(None, "finetune on N labelled training cases drawn with the seed (the low-label "
+                                    "setting; auto: every training case)")
     batch_size: int = _f(2, "patches per step")
     epochs: int = _f(1000, "training epochs")
     iters_per_epoch: int = _f(250, "steps per epoch (nnU-Net: 250)")
@@ -164,13 +172,16 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         _check_common(self)
-        _check(len(self.patch_size) == 3 and all(p > 0 and p % 32 == 0 for p in self.patch_size), "patch_size",
-               self.patch_size, "three positive multiples of 32")
+        _check(len(self.patch_size) == 3 and all(p >= 64 and p % 32 == 0 for p in self.patch_size), "patch_size",
+               self.patch_size, "three multiples of 32 of at least 64 (the network downsamples by 32 and its "
+               "instance norms need more than one voxel at the deepest stage)")
         _check(self.iters_per_epoch >= 1 and self.val_every >= 1, "iters_per_epoch/val_every",
                (self.iters_per_epoch, self.val_every), ">= 1")
         for name in ("fg_oversample", "rotate_scale_p"):
             _check(0.0 <= getattr(self, name) <= 1.0, name, getattr(self, name), "in [0, 1]")
         _check(0.0 <= self.overlap < 1.0, "overlap", self.overlap, "in [0, 1)")
+        _check(self.labelled_cases is None or self.labelled_cases >= 1, "labelled_cases", self.labelled_cases,
+               "auto or >= 1")
         _check(self.weight_decay >= 0 and self.eps > 0, "weight_decay/eps", (self.weight_decay, self.eps),
                "weight_decay >= 0, eps > 0")
 

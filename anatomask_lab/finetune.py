@@ -128,8 +128,8 @@ def run(cfg: FinetuneConfig | None = None, *, resume: bool = False, **overrides:
         _start_run(out, cfg, model)
     log = MetricsLog(out / "metrics.jsonl")
 
-    dataset = PatchDataset(cfg.data_dir, split="train", patch_size=cfg.patch_size, with_label=True,
-                           fg_oversample=cfg.fg_oversample, flips=cfg.flips, seed=cfg.seed,
+    dataset = PatchDataset(cfg.data_dir, cases=training_cases(info, cfg), patch_size=cfg.patch_size,
+                           with_label=True, fg_oversample=cfg.fg_oversample, flips=cfg.flips, seed=cfg.seed,
                            samples_per_epoch=cfg.iters_per_epoch * cfg.batch_size)
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, drop_last=True,
                                          num_workers=cfg.workers, persistent_workers=False)
@@ -168,6 +168,23 @@ def run(cfg: FinetuneConfig | None = None, *, resume: bool = False, **overrides:
         if (epoch + 1) % cfg.ckpt_every == 0 or epoch + 1 == cfg.epochs:
             save_checkpoint(checkpoint_path(out), ckpt)
     return out
+
+
+def training_cases(info: DatasetInfo, cfg: FinetuneConfig) -> list[str]:
+    """The labelled training cases a run uses: all of them, or ``labelled_cases`` drawn with ``cfg.seed`` (the
+    same draw for every variant of one seed, so that low-label comparisons are paired).
+
+    Raises:
+        ValueError: more labelled cases requested than the training split has.
+    """
+    labelled = [c for c in info.split("train") if info.case(c).has_label]
+    if cfg.labelled_cases is None:
+        return labelled
+    if cfg.labelled_cases > len(labelled):
+        raise ValueError(f"labelled_cases {cfg.labelled_cases}: the training split of {cfg.data_dir} has only "
+                         f"{len(labelled)} labelled cases")
+    pick = np.random.default_rng([cfg.seed, 7919]).choice(len(labelled), cfg.labelled_cases, replace=False)
+    return [labelled[i] for i in sorted(pick)]
 
 
 def _start_run(out: Path, cfg: FinetuneConfig, model: nn.Module) -> None:

@@ -63,7 +63,7 @@ def load_pretrained_mim(run_dir: str | Path, which: str = "student") -> torch.nn
         raise ValueError(f"{path}: no {which!r} weights in this checkpoint")
     m = config_from_dict(state["config"]).model
     model = build_mim(m.size, in_channels=m.in_channels, backend="masked", decoder=m.decoder,
-                      norm_pooling=m.norm_pooling, decoder_width=m.decoder_width, strides=m.strides)
+                      norm_pooling=m.norm_pooling, decoder_width=m.decoder_width, strides=m.strides, init=m.init)
     model.load_state_dict(state[which])
     return model.eval()
 

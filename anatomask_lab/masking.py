@@ -204,14 +204,20 @@ def anatomask_mask(
     return _select(score_bn, n_masked).view_as(patch_loss)
 
 
-def anatomical_ratio(epoch: float, total_epochs: float, r0: float = 0.0, rT: float = 0.5) -> float:
-    """Masking dynamics r_t = r0 + (epoch / total_epochs) * (rT - r0) (paper Eq. 3).
+def anatomical_ratio(epoch: float, total_epochs: float, r0: float = 0.0, rT: float = 0.5, *,
+                     schedule: str = "paper") -> float:
+    """Masking dynamics r_t (paper Eq. 3).
+
+    ``schedule="paper"``: ``r0 + (epoch / total_epochs) * (rT - r0)``, r0 at the first epoch.
+    ``schedule="reference"``: the authors' code, ``r0 + (epoch + 1) / (total_epochs - 1) * (rT - r0)``, one epoch
+    ahead, reaching rT one epoch before the end and passing it in the last one (by rT / (T - 1); clipped to [0, 1]).
 
     Easy-to-hard (the paper's choice) is ``r0=0, rT=0.5``; the hard-to-easy ablation is ``r0=0.5, rT=0``.
     Fractional epochs give a per-iteration schedule.
 
     Raises:
-        ValueError: total_epochs <= 0, epoch outside [0, total_epochs], or r0 / rT outside [0, 1].
+        ValueError: total_epochs <= 0 (< 2 for "reference"), epoch outside [0, total_epochs], r0 / rT outside
+            [0, 1], or an unknown schedule.
     """
     if not total_epochs > 0:
         raise ValueError(f"total_epochs must be positive, got {total_epochs}")
@@ -219,7 +225,13 @@ def anatomical_ratio(epoch: float, total_epochs: float, r0: float = 0.0, rT: flo
         raise ValueError(f"epoch must lie in [0, total_epochs={total_epochs}], got {epoch}")
     r0 = _check_ratio(r0, "r0")
     rT = _check_ratio(rT, "rT")
-    return r0 + (epoch / total_epochs) * (rT - r0)
+    if schedule == "paper":
+        return r0 + (epoch / total_epochs) * (rT - r0)
+    if schedule == "reference":
+        if total_epochs < 2:
+            raise ValueError(f"the reference r_t schedule needs at least 2 epochs, got {total_epochs}")
+        return min(max(r0 + (epoch + 1) / (total_epochs - 1) * (rT - r0), 0.0), 1.0)
+    raise ValueError(f"schedule must be 'paper' or 'reference', got {schedule!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------------

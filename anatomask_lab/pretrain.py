@@ -157,6 +157,7 @@ def build_models(cfg: PretrainConfig, device: torch.device) -> tuple[nn.Module, 
         decoder_width=m.decoder_width,
         grad_checkpointing=m.grad_checkpointing,
         strides=m.strides,
+        init=m.init,
     )
     torch.manual_seed(cfg.seed)
     student = build_mim(m.size, **kwargs).to(device)
@@ -332,7 +333,7 @@ def _run_epoch(r: _Run, loader, epoch: int, device, log: MetricsLog) -> dict[str
     for i, batch in enumerate(it_bar):
         x = batch["image"].to(device, non_blocking=True)
         t_frac = epoch + (i / r.iters if cfg.masking.per_iteration else 0.0)
-        r_t = anatomical_ratio(t_frac, cfg.epochs, cfg.masking.r0, cfg.masking.rT)
+        r_t = anatomical_ratio(t_frac, cfg.epochs, cfg.masking.r0, cfg.masking.rT, schedule=cfg.masking.rt_schedule)
         lr = warmup_cosine_lr(r.step, total_steps, cfg.warmup_epochs * r.iters, cfg.lr, cfg.warmup_lr)
         for group in r.optimizer.param_groups:
             group["lr"] = lr

@@ -295,3 +295,15 @@ def test_active_maps_and_check_mask():
         check_mask(mask, torch.zeros(1, 1, 8, 4, 16), (4, 2, 4))
     with pytest.raises(ValueError, match="bool"):
         check_mask(mask.float(), x, (4, 2, 4))
+
+
+def test_reference_rt_schedule_is_one_epoch_ahead():
+    # the authors' code: 0.5 * (epoch + 1) / (E - 1); the paper's form starts at r0
+    assert [anatomical_ratio(e, 5, schedule="reference") for e in range(5)] == [0.125, 0.25, 0.375, 0.5, 0.625]
+    assert [anatomical_ratio(e, 5) for e in range(5)] == [0.0, 0.1, 0.2, 0.3, 0.4]
+    assert anatomical_ratio(999, 1000, schedule="reference") == pytest.approx(0.5 * 1000 / 999)
+    assert anatomical_ratio(3, 5, 0.5, 0.0, schedule="reference") == 0.0
+    with pytest.raises(ValueError, match="schedule must be"):
+        anatomical_ratio(0, 5, schedule="cosine")
+    with pytest.raises(ValueError, match="at least 2 epochs"):
+        anatomical_ratio(0, 1, schedule="reference")

@@ -202,3 +202,22 @@ def test_input_errors_name_the_shapes():
     with pytest.raises(ValueError, match=r"mask of shape \(1, 2, 2, 3\)"):
         model(torch.randn(2, 1, *SHAPE), mask(batch=1))
     assert model.grid((112, 112, 128)) == (7, 7, 8)
+
+
+def test_reference_init_is_pytorch_default_and_he_is_wider():
+    import math
+
+    from anatomask_lab.models import build_mim
+
+    torch.manual_seed(0)
+    he, ref = build_mim("tiny", init="he"), build_mim("tiny", init="reference")
+    w_he, w_ref = he.encoder.stages[2][0].conv1.weight, ref.encoder.stages[2][0].conv1.weight
+    fan_in = w_he[0].numel()
+    assert abs(w_he.std().item() / math.sqrt(2 / (1 + 1e-4) / fan_in) - 1) < 0.1  # He (a = 0.01)
+    assert abs(w_ref.std().item() / math.sqrt(1 / (3 * fan_in)) - 1) < 0.1  # kaiming_uniform(a=sqrt(5))
+    proj_he = he.decoder.densify[1].proj.weight
+    proj_ref = ref.decoder.densify[1].proj.weight
+    assert abs(proj_he.std().item() / 0.02 - 1) < 0.15  # trunc-normal(0.02)
+    assert abs(proj_ref.std().item() / math.sqrt(1 / (3 * proj_ref[0].numel())) - 1) < 0.1
+    with pytest.raises(ValueError, match="init must be"):
+        build_mim("tiny", init="xavier")

@@ -237,6 +237,7 @@ def build_mim(
     strides: Sequence[int | Sequence[int]] | None = None,
     grad_checkpointing: bool = False,
     spconv_algo: str = "auto",
+    init: str = "he",
     device: torch.device | str | None = None,
 ) -> MIMModel:
     """Build the MIM network for an STU-Net size.
@@ -251,6 +252,10 @@ def build_mim(
         strides: 5 (or STU-Net's 6, the last ignored) per-stage strides of 1 / 2; stage 0 must have stride 1.
         grad_checkpointing: recompute the encoder's residual blocks in the backward pass.
         spconv_algo: ``"auto"``, ``"native"`` or ``"implicit_gemm"`` (see :mod:`.spconv_backend`).
+        init: ``"he"``: He initialisation of the encoder (as STU-Net's segmentation network) and trunc-normal(0.02)
+            densify projections; ``"reference"``: PyTorch's default initialisation of both, as the authors'
+            pretraining leaves them (its encoder conv weights are about 2.4x narrower). The decoder blocks are
+            initialised as SparK's light decoder in both.
         device: where to allocate (``"meta"`` works).
     """
     spec = get_spec(size)
@@ -261,6 +266,8 @@ def build_mim(
         raise ValueError(f"MIM strides must be 1 or 2 per axis with stride 1 in stage 0, got {strides5}")
     if decoder not in DECODERS:
         raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
+    if init not in ("he", "reference"):
+        raise ValueError(f"init must be 'he' or 'reference', got {init!r}")
     width = spec.decoder_width if decoder_width is None else int(decoder_width)
     if width < 16 or width % 16:
         raise ValueError(f"decoder_width must be a positive multiple of 16, got {width}")
@@ -277,8 +284,13 @@ def build_mim(
             grad_checkpointing=grad_checkpointing,
             spconv_algo=spconv_algo,
         )
-        init_he(encoder)
         model = MIMModel(encoder, dec_cls(widths5, width, strides5, in_channels, norm_pooling))
+    if init == "he":
+        init_he(model.encoder)
+    else:  # PyTorch's default initialisation, also for the densify projections
+        for d in model.decoder.densify:
+            if isinstance(d.proj, nn.Conv3d):
+                d.proj.reset_parameters()
     return model
 
 
