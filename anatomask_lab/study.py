@@ -67,11 +67,11 @@ class StudyConfig:
     pretrain_epochs: int = 8
     pretrain_iters: int = 8
     momentum: tuple[float, float] = (0.99, 0.999)
-    finetune_epochs: int = 8
-    finetune_iters: int = 15
+    finetune_epochs: int = 10
+    finetune_iters: int = 10
     finetune_optimizer: str = "adamw"
-    finetune_lr: float = 3e-3
-    rotate_scale_p: float = 0.2
+    finetune_lr: float = 5e-3
+    rotate_scale_p: float = 0.0
     tolerance_mm: float = 4.5
     ranking_patches: int = 8
     device: str = "cpu"

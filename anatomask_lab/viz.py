@@ -17,7 +17,9 @@ phantom and DICOM-converted volumes (affine ``diag(-sx, -sy, sz)``). Pass the co
 
 from __future__ import annotations
 
+import html
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import plotly.graph_objects as go
@@ -218,6 +220,16 @@ def loss_curves(runs: dict[str, list[dict]], key: str = "loss", x: str = "epoch"
             fig.add_trace(go.Scatter(x=xs, y=ys, mode="lines+markers", name=name))
     fig.update_layout(title=title, xaxis_title=x, yaxis_title=key, height=360)
     return fig
+
+
+def figures_html(figures: Sequence[go.Figure], path: str | Path, title: str = "") -> Path:
+    """Several figures in one HTML file that works offline (plotly.js embedded once, no CDN), written atomically."""
+    from anatomask_lab.atomic import atomic_write
+
+    divs = [fig.to_html(full_html=False, include_plotlyjs=(i == 0)) for i, fig in enumerate(figures)]
+    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head><body>"
+            f"<h1>{html.escape(title)}</h1>" + "".join(divs) + "</body></html>")
+    return atomic_write(path, lambda p: p.write_text(page))
 
 
 def markdown_table(rows: Sequence[dict], columns: Sequence[str] | None = None, digits: int = 3) -> str:
