@@ -26,9 +26,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from anatomask_lab.atomic import atomic_write_json
+from anatomask_lab.atomic import atomic_write, atomic_write_json
 
 __all__ = ["VARIANTS", "StudyConfig", "run_study"]
+
+CLI_DESCRIPTION = """\
+Pretrain every variant once per seed, finetune each (and a model from scratch) under every label setting,
+predict and score every test case, and measure how well the AnatoMask teacher ranks organ patches. The report
+(OUT/study.md, study.json, box plots) gives means with 95% bootstrap intervals over seeds and cases, and the paired
+differences AnatoMask - SparK and AnatoMask - scratch with Wilcoxon signed-rank tests. Finished cells are kept: a
+second call with the same OUT resumes."""
 
 # variant name -> (pretraining method, ablation) or None for finetuning from scratch
 VARIANTS: dict[str, tuple[str, str] | None] = {
@@ -232,10 +239,61 @@ def run_study(cfg: StudyConfig, *, command: str = "", data_label: str | None = N
                      f"{cfg.pretrain_epochs * cfg.pretrain_iters} pretraining and "
                      f"{cfg.finetune_epochs * cfg.finetune_iters} finetuning steps per run",
             "platform": platform.platform(), "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-            "versions": code_version(), "wall_time_s": round(time.perf_counter() - t0, 1),
+            "versions": code_version(), "wall_time_s": round(_previous_wall_time(out) + time.perf_counter() - t0, 1),
             "seeds": list(cfg.seeds), "settings": list(cfg.settings), "variants": list(cfg.variants),
             "config": asdict(cfg)}
-    return write_study_report(rows, summary, out, meta, extras=ranking)
+    files = write_study_report(rows, summary, out, meta, extras=ranking)
+    text = files["markdown"].read_text() + "\n" + learning_curves_markdown(cfg)
+    atomic_write(files["markdown"], lambda p: p.write_text(text))
+    return files
+
+
+def _previous_wall_time(out: Path) -> float:
+    """Wall time of earlier calls on this study folder (a resumed study reports the sum over its calls)."""
+    import json
+
+    try:
+        return float(json.loads((out / "study.json").read_text())["meta"]["wall_time_s"])
+    except (OSError, KeyError, TypeError, ValueError):
+        return 0.0
+
+
+def learning_curves_markdown(cfg: StudyConfig) -> str:
+    """What changes even where scores do not: pretraining losses per epoch and finetuning's last losses and
+    validation Dice, means ± SD over seeds (read back from the runs' ``metrics.jsonl``)."""
+    from anatomask_lab.runs import read_metrics
+
+    out = Path(cfg.out_dir)
+    pretrained = [v for v in cfg.variants if VARIANTS[v] is not None]
+    curves = {v: [read_metrics(out / f"seed{s}" / f"pretrain_{v}", "epoch") for s in cfg.seeds] for v in pretrained}
+    lines = ["## Learning curves (means ± SD over seeds)", "",
+             "Pretraining reconstruction loss per epoch (normalised-target MSE on the masked patches). AnatoMask's "
+             "student is scored on the patches its teacher found hardest, so its loss sits above SparK's by design; "
+             "the teacher's loss is on its own random mask.", "",
+             "| epoch | " + " | ".join(f"{v} student" for v in pretrained)
+             + (" | AnatoMask teacher |" if "AnatoMask" in curves else " |"),
+             "|---" * (len(pretrained) + 1 + ("AnatoMask" in curves)) + "|"]
+    for e in range(cfg.pretrain_epochs):
+        cells = [_pm([r[e]["loss"] for r in curves[v] if len(r) > e]) for v in pretrained]
+        if "AnatoMask" in curves:
+            cells.append(_pm([r[e]["teacher_loss"] for r in curves["AnatoMask"] if len(r) > e]))
+        lines.append(f"| {e} | " + " | ".join(cells) + " |")
+    lines += ["", "Finetuning at the end: training loss (Dice+CE) of the last epoch and validation Dice.", "",
+              "| labels | variant | last training loss | validation Dice (%) |", "|---|---|---|---|"]
+    for setting in cfg.settings:
+        for v in cfg.variants:
+            recs = [read_metrics(out / f"seed{s}" / f"labels_{setting}" / v / "finetune", "epoch") for s in cfg.seeds]
+            loss = _pm([r[-1]["loss"] for r in recs if r])
+            val = _pm([100 * x["val_dice"] for r in recs for x in r[-1:] if "val_dice" in x], 1)
+            lines.append(f"| {setting} | {v} | {loss} | {val} |")
+    return "\n".join(lines) + "\n"
+
+
+def _pm(values: list[float], digits: int = 4) -> str:
+    if not values:
+        return "n/a"
+    sd = float(np.std(values, ddof=1)) if len(values) > 1 else math.nan
+    return f"{np.mean(values):.{digits}f} ± {sd:.{digits}f}"
 
 
 def _cached(path: Path, compute) -> dict:
@@ -250,7 +308,7 @@ def _cached(path: Path, compute) -> dict:
 
 def add_cli(subparsers) -> None:
     p = subparsers.add_parser("study", help="variants x label settings x seeds, with confidence intervals",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=CLI_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     d = StudyConfig(data_dir="", out_dir="")
     p.add_argument("--data", help="prepared dataset (default: a phantom cohort generated under OUT/data)")
     p.add_argument("--out", required=True, help="study folder; a second call resumes it")

@@ -32,6 +32,7 @@ def test_study_grid_report_and_resume(tiny_dataset, tmp_path):
     assert set(study["extras"]) == {"ranking_auc_normalised", "ranking_auc_raw"}
     text = files["markdown"].read_text()
     assert "AnatoMask − SparK" in text and "study_boxplot.svg" in text and files["svg"].is_file()
+    assert "## Learning curves" in text and "AnatoMask teacher" in text
     # a second call reuses every finished cell
     ckpt = tmp_path / "study" / "seed0" / "labels_2" / "scratch" / "finetune" / "checkpoints" / "last.pt"
     mtime = ckpt.stat().st_mtime_ns
