@@ -116,7 +116,8 @@ def _pretrain_both(data: Path, runs: Path, patch, epochs: int, iters: int, seed:
         folder = runs / f"pretrain_{method}"
         with _step(f"pretrain {method} ({epochs} x {iters} iterations)", timings):
             if not is_finished(folder):
-                pretrain.run(pretrain.pretrain_config("tiny", method=method, out_dir=str(folder), **common))
+                cfg = pretrain.pretrain_config("tiny", method=method, out_dir=str(folder), **common)
+                pretrain.run(cfg, resume="auto")
 
 
 def _finetune_all(out: Path, data: Path, runs: Path, tolerance: float, epochs: int, iters: int, seed: int,
@@ -143,7 +144,8 @@ def _finetune_all(out: Path, data: Path, runs: Path, tolerance: float, epochs: i
         init = "scratch" if name == "scratch" else str(runs / f"pretrain_{name.lower()}")
         with _step(f"finetune from {name} ({epochs} x {iters} iterations), predict, evaluate", timings):
             if not is_finished(folder):
-                finetune.run(finetune.finetune_config("tiny", out_dir=str(folder), init=init, **ft_common))
+                cfg = finetune.finetune_config("tiny", out_dir=str(folder), init=init, **ft_common)
+                finetune.run(cfg, resume="auto")
             pred = out / "eval" / name.lower()
             predict_split(folder, data, pred, device="cpu", quiet=True)
             rows = evaluate_folders(pred, gt, classes=classes, tolerances=tolerance, convention="totalseg",

@@ -62,6 +62,8 @@ class StudyConfig:
         patch: cubic patch edge for pretraining and finetuning (a multiple of 32).
         momentum: teacher EMA momentum ramp (demo scale: the reference's 0.999 -> 0.9999 assumes 1000 epochs).
         tolerance_mm: NSD tolerance (one voxel of the prepared grid is a sensible choice).
+        amp: precision of every run: "fp32", "bf16" (autocast; about 1.8x faster on CPUs with AVX-512 BF16),
+            "fp16" or "auto" (bf16 on CUDA, fp32 on a CPU).
     """
 
     data_dir: str
@@ -82,6 +84,7 @@ class StudyConfig:
     tolerance_mm: float = 4.5
     ranking_patches: int = 8
     device: str = "cpu"
+    amp: str = "fp32"
 
     def __post_init__(self) -> None:
         unknown = [v for v in self.variants if v not in VARIANTS]
@@ -108,8 +111,8 @@ def _pretrain(cfg: StudyConfig, variant: str, seed: int) -> Path:
         pretrain.run(pretrain.pretrain_config(
             cfg.preset, ablation, method=method, data_dir=cfg.data_dir, out_dir=str(folder),
             patch_size=(cfg.patch,) * 3, epochs=cfg.pretrain_epochs, iters_per_epoch=cfg.pretrain_iters,
-            warmup_epochs=1, momentum0=cfg.momentum[0], momentum1=cfg.momentum[1], device=cfg.device, workers=0,
-            quiet=True, seed=seed))
+            warmup_epochs=1, momentum0=cfg.momentum[0], momentum1=cfg.momentum[1], device=cfg.device, amp=cfg.amp,
+            workers=0, quiet=True, seed=seed), resume="auto")
     return folder
 
 
@@ -134,8 +137,8 @@ def _finetune_cell(cfg: StudyConfig, variant: str, setting: str, seed: int, refe
             cfg.preset, data_dir=cfg.data_dir, out_dir=str(run), init=init, patch_size=(cfg.patch,) * 3,
             epochs=cfg.finetune_epochs, iters_per_epoch=cfg.finetune_iters, optimizer=cfg.finetune_optimizer,
             lr=cfg.finetune_lr, rotate_scale_p=cfg.rotate_scale_p, val_every=cfg.finetune_epochs,
-            labelled_cases=None if setting == "all" else int(setting), device=cfg.device, workers=0, quiet=True,
-            seed=seed))
+            labelled_cases=None if setting == "all" else int(setting), device=cfg.device, amp=cfg.amp, workers=0,
+            quiet=True, seed=seed), resume="auto")
     pred = cell / "pred"
     predict_split(run, cfg.data_dir, pred, device=cfg.device, which="last", quiet=True)
     per_class = evaluate_folders(pred, reference, classes=DatasetInfo.read(cfg.data_dir).class_table(),
@@ -237,7 +240,7 @@ def run_study(cfg: StudyConfig, *, command: str = "", data_label: str | None = N
             "data": data_label or f"{info.name} ({len(info.split('test'))} test cases)",
             "scale": f"{'CPU' if cfg.device == 'cpu' else cfg.device} scale: tiny STU-Net, "
                      f"{cfg.pretrain_epochs * cfg.pretrain_iters} pretraining and "
-                     f"{cfg.finetune_epochs * cfg.finetune_iters} finetuning steps per run",
+                     f"{cfg.finetune_epochs * cfg.finetune_iters} finetuning steps per run, {cfg.amp}",
             "platform": platform.platform(), "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "versions": code_version(), "wall_time_s": round(_previous_wall_time(out) + time.perf_counter() - t0, 1),
             "seeds": list(cfg.seeds), "settings": list(cfg.settings), "variants": list(cfg.variants),
@@ -324,6 +327,8 @@ def add_cli(subparsers) -> None:
                        help=f"(default: {getattr(d, name)})")
     p.add_argument("--finetune-lr", type=float, default=d.finetune_lr, help=f"(default: {d.finetune_lr})")
     p.add_argument("--device", default=d.device, help=f"(default: {d.device})")
+    p.add_argument("--amp", default=d.amp, choices=["auto", "bf16", "fp16", "fp32"],
+                   help=f"precision (default: {d.amp})")
     p.set_defaults(func=_cli)
 
 
@@ -339,7 +344,7 @@ def _cli(args) -> int:
                       variants=tuple(args.variants), settings=tuple(args.settings), patch=args.patch,
                       pretrain_epochs=args.pretrain_epochs, pretrain_iters=args.pretrain_iters,
                       finetune_epochs=args.finetune_epochs, finetune_iters=args.finetune_iters,
-                      finetune_lr=args.finetune_lr, device=args.device)
+                      finetune_lr=args.finetune_lr, device=args.device, amp=args.amp)
     files = run_study(cfg, command="anatomask-lab " + " ".join(sys.argv[1:]), data_label=label)
     print(f"study report: {files.get('markdown', Path(args.out) / 'study.md')}")
     return 0
