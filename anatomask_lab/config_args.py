@@ -15,7 +15,16 @@ from typing import Any
 
 from anatomask_lab.config import config_to_dict, flat_fields
 
-__all__ = ["add_config_arguments", "config_to_args", "overrides_from_args", "print_config", "require_out"]
+__all__ = [
+    "add_config_arguments",
+    "add_run_arguments",
+    "config_to_args",
+    "flat_values",
+    "ignored_flags",
+    "overrides_from_args",
+    "print_config",
+    "require_out",
+]
 
 AUTO = "auto"  # what an optional field (None by default) accepts on the command line to mean None
 
@@ -67,7 +76,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, presets: di
                 node = getattr(node, p)
             return node
 
-        flag = "--" + (f.metadata.get("flag") or name).replace("_", "-")
+        flag = _flag(name, f)
         text = f.metadata.get("help", "") + f" ({_defaults(name, presets, value_of, default_preset)})"
         kwargs: dict[str, Any] = {"dest": name, "default": None, "help": text.replace("%", "%%")}
         hint_s = str(hint)
@@ -85,6 +94,22 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, presets: di
                 kwargs["choices"] = f.metadata["choices"]
         flags = [flag] if flag == f"--{name.replace('_', '-')}" else [flag, f"--{name.replace('_', '-')}"]
         group.add_argument(*flags, **kwargs)
+
+
+def _flag(name: str, f: Any) -> str:
+    """The command-line flag of a flat config field."""
+    return "--" + (f.metadata.get("flag") or name).replace("_", "-")
+
+
+def flat_values(cfg: Any) -> dict[str, Any]:
+    """Flat field name -> value of a configuration (``gamma`` for ``cfg.masking.gamma``)."""
+    values = {}
+    for name, (_, path, _) in flat_fields(type(cfg)).items():
+        value = cfg
+        for p in path:
+            value = getattr(value, p)
+        values[name] = value
+    return values
 
 
 def overrides_from_args(args: argparse.Namespace, cls: type) -> dict[str, Any]:
@@ -105,11 +130,10 @@ def overrides_from_args(args: argparse.Namespace, cls: type) -> dict[str, Any]:
 def config_to_args(cfg: Any) -> list[str]:
     """Flags that rebuild ``cfg`` from any preset: ``overrides_from_args(parse(config_to_args(cfg)))`` == cfg."""
     args: list[str] = []
-    for name, (f, path, hint) in flat_fields(type(cfg)).items():
-        value = cfg
-        for p in path:
-            value = getattr(value, p)
-        flag = "--" + (f.metadata.get("flag") or name).replace("_", "-")
+    values = flat_values(cfg)
+    for name, (f, _, hint) in flat_fields(type(cfg)).items():
+        value = values[name]
+        flag = _flag(name, f)
         if hint is bool:
             args.append(flag if value else f"--no-{flag[2:]}")
         elif value is None:
@@ -133,3 +157,36 @@ def require_out(args: argparse.Namespace) -> str:
     if args.out_dir is None:
         raise ValueError("--out is required: the run folder to write")
     return args.out_dir
+
+
+def _resume_value(text: str) -> str:
+    if text != "auto":
+        raise argparse.ArgumentTypeError(f"--resume takes no value or 'auto', got {text!r}")
+    return text
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--resume [auto]``, ``--overwrite`` and ``--print-config`` of the training commands."""
+    parser.add_argument("--resume", nargs="?", const=True, default=False, type=_resume_value, metavar="auto",
+                        help="continue the run in --out from its last checkpoint with its stored configuration; "
+                        "--resume auto: continue when --out has a checkpoint, else start (for job chains)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the run in --out (its config, metrics and checkpoints are removed first)")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved configuration as JSON and exit (creates nothing)")
+
+
+def ignored_flags(args: argparse.Namespace, cls: type, stored: Any, requested: Any) -> list[str]:
+    """The flags the user set that would change ``stored`` (a resumed run's configuration, which is kept).
+
+    ``requested`` is the configuration the flags build; a field it changes is named by its flag when the user set
+    that flag, else by ``--preset`` / ``--ablation`` when given (the preset's defaults alone name nothing).
+    """
+    fields = flat_fields(cls)
+    given = set(overrides_from_args(args, cls))
+    old, new = flat_values(stored), flat_values(requested)
+    changed = [name for name in fields if name != "out_dir" and old[name] != new[name]]
+    flags = [_flag(name, fields[name][0]) for name in changed if name in given]
+    if any(name not in given for name in changed):
+        flags += [f"--{key}" for key in ("preset", "ablation") if getattr(args, key, None) is not None]
+    return flags

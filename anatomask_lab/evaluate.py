@@ -28,6 +28,7 @@ from anatomask_lab import metrics, report
 __all__ = ["add_cli", "evaluate_folders", "find_cases", "load_class_table", "read_label_map"]
 
 _SUFFIXES = (".nii.gz", ".nii")
+MAX_LABEL = 10_000  # without a class table, larger labels are refused before anything is counted per label
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -73,12 +74,16 @@ def read_label_map(path: str | Path) -> tuple[np.ndarray, tuple[float, ...], np.
         ``(labels [X, Y, Z] integer array, spacing in mm per array axis, affine [4, 4])``.
 
     Raises:
-        ValueError: for non-integer or negative values or a non-3-D image, naming the file.
+        ValueError: not a readable NIfTI file (truncated, another format), non-integer or negative values or a
+            non-3-D image, naming the file.
     """
     import nibabel
 
-    image = nibabel.load(str(path))
-    data = np.asanyarray(image.dataobj)
+    try:
+        image = nibabel.load(str(path))
+        data = np.asanyarray(image.dataobj)
+    except Exception as exc:  # nibabel and gzip raise many types for junk or truncated files
+        raise ValueError(f"{path}: not a readable NIfTI label map ({type(exc).__name__}: {exc})") from exc
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
@@ -91,6 +96,15 @@ def read_label_map(path: str | Path) -> tuple[np.ndarray, tuple[float, ...], np.
     if data.size and data.min() < 0:
         raise ValueError(f"{path}: label map holds negative labels (min {data.min()})")
     return data, tuple(float(z) for z in image.header.get_zooms()[:3]), np.asarray(image.affine)
+
+
+def _check_label_range(name: str, data: np.ndarray, classes: Mapping[int, str] | None) -> None:
+    """Refuse labels above the class table's largest (or :data:`MAX_LABEL`) before any per-label counting."""
+    top = int(data.max()) if data.size else 0
+    if classes is not None and top > max(classes, default=0):
+        raise ValueError(f"{name} holds labels [{top}] outside the class table {sorted(classes)}")
+    if classes is None and top > MAX_LABEL:
+        raise ValueError(f"{name} holds label {top}, above {MAX_LABEL} (give the class table with --labels)")
 
 
 def _check_geometry(pred_path: Path, gt_path: Path, pred: tuple, gt: tuple) -> None:
@@ -119,8 +133,11 @@ def load_class_table(path: str | Path) -> dict[int, str]:
         from anatomask_lab.data.dataset import DatasetInfo
 
         return DatasetInfo.read(path).class_table()
-    with open(path) as handle:
-        content = json.load(handle)
+    try:
+        with open(path) as handle:
+            content = json.load(handle)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"--labels {path}: not valid JSON ({exc})") from exc
     table = content.get("labels", content) if isinstance(content, Mapping) else content
     if not isinstance(table, Mapping) or not table:
         raise ValueError(f"{path}: expected a mapping of labels (or a dataset.json with 'labels')")
@@ -178,14 +195,16 @@ def evaluate_folders(
                                          disable=not progress):
         pred, gt = read_label_map(pred_path), read_label_map(gt_path)
         _check_geometry(pred_path, gt_path, pred, gt)
-        case_classes = classes
-        if case_classes is None:
-            present = np.flatnonzero(np.bincount(pred[0].ravel()) > 0).tolist()
-            present += np.flatnonzero(np.bincount(gt[0].ravel()) > 0).tolist()
-            case_classes = {k: f"label_{k}" for k in sorted(set(present) - {0})}
-            found.update(case_classes)
-        tolerance = metrics.resolve_tolerances(tolerances, case_classes)
         try:
+            _check_label_range("prediction", pred[0], classes)
+            _check_label_range("ground truth", gt[0], classes)
+            case_classes = classes
+            if case_classes is None:
+                present = np.flatnonzero(np.bincount(pred[0].ravel()) > 0).tolist()
+                present += np.flatnonzero(np.bincount(gt[0].ravel()) > 0).tolist()
+                case_classes = {k: f"label_{k}" for k in sorted(set(present) - {0})}
+                found.update(case_classes)
+            tolerance = metrics.resolve_tolerances(tolerances, case_classes)
             scores = metrics.evaluate_case(pred[0], gt[0], gt[1], case_classes, tolerance, convention)
         except ValueError as exc:
             raise ValueError(f"prediction {pred_path} / ground truth {gt_path}: {exc}") from exc

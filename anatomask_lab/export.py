@@ -50,6 +50,15 @@ def _pretrain_state(ckpt: str | Path) -> tuple[dict[str, Any], dict[str, Any], P
     return encoder_from_state(state, path), state["config"], path
 
 
+def _check_out(ckpt: str | Path, out: str | Path) -> None:
+    """Refuse an output that would replace the checkpoint (or run folder) being read, or that is a folder."""
+    target = Path(out).resolve()
+    if target in (Path(ckpt).resolve(), checkpoint_path(ckpt).resolve()):
+        raise ValueError(f"--out {out} is the checkpoint it reads (--ckpt {ckpt}); write the export to another file")
+    if target.is_dir():
+        raise ValueError(f"--out {out}: an existing folder; give the file to write (.pt, or .pth for STU-Net)")
+
+
 def export_encoder(ckpt: str | Path, out: str | Path, naming: str = "anatomask", num_classes: int = 105,
                    seed: int = 0) -> dict[str, Any]:
     """Write the student's encoder of a pretraining checkpoint (or run folder) to ``out``.
@@ -60,6 +69,7 @@ def export_encoder(ckpt: str | Path, out: str | Path, naming: str = "anatomask",
     """
     if naming not in ("anatomask", "stunet"):
         raise ValueError(f"naming must be 'anatomask' or 'stunet', got {naming!r}")
+    _check_out(ckpt, out)
     encoder, cfg, path = _pretrain_state(ckpt)
     size, in_channels = cfg["model"]["size"], cfg["model"]["in_channels"]
     import torch

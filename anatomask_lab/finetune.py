@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,18 +19,24 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from anatomask_lab.augment import random_rotate_scale
-from anatomask_lab.config import FINETUNE_PRESETS, FinetuneConfig, config_from_dict, config_to_dict, finetune_config
+from anatomask_lab.config import FINETUNE_PRESETS, FinetuneConfig, config_to_dict, finetune_config
 from anatomask_lab.data.dataset import DatasetInfo
 from anatomask_lab.inference import sliding_window_predict
 from anatomask_lab.losses import deep_supervision_loss
 from anatomask_lab.models import build_stunet, load_encoder_weights
 from anatomask_lab.runs import (
     MetricsLog,
+    RunFolderError,
+    check_finite_weights,
     checkpoint_path,
     code_version,
     load_checkpoint,
     load_student_encoder,
+    prepare_run_folder,
+    resumed_config,
+    run_lock,
     save_checkpoint,
+    stopped_note,
     write_json_atomic,
 )
 from anatomask_lab.runtime import autocast, autocast_dtype, optimizer_step, resolve_device
@@ -96,18 +101,45 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch
 # ----------------------------------------------------------------------------------------------------------------
 # the loop
 # ----------------------------------------------------------------------------------------------------------------
-def run(cfg: FinetuneConfig | None = None, *, resume: bool = False, **overrides: Any) -> Path:
+def run(cfg: FinetuneConfig | None = None, *, resume: bool | str = False, overwrite: bool = False,
+        **overrides: Any) -> Path:
     """Finetune as ``cfg`` says; returns the run folder (``config.json``, ``metrics.jsonl``, ``init_report.json``,
-    and the ``last`` and ``best`` checkpoints, see :func:`anatomask_lab.runs.checkpoint_path`)."""
+    and the ``last`` and ``best`` checkpoints, see :func:`anatomask_lab.runs.checkpoint_path`).
+
+    ``resume`` and ``overwrite`` follow the run-folder rules of :func:`anatomask_lab.pretrain.run`
+    (:func:`anatomask_lab.runs.prepare_run_folder`); the folder is locked while the run writes it.
+
+    Raises:
+        RunFolderError: the folder is refused or locked, or ``out_dir`` is the ``init`` it reads.
+        FloatingPointError: a non-finite loss or non-finite weights; no checkpoint is written.
+    """
+    out = Path(cfg.out_dir if cfg is not None else overrides.get("out_dir", "runs/finetune"))
+    if cfg is not None and resume is not True:
+        _check_init_not_out(cfg.init, out)
+    with run_lock(out):
+        state = prepare_run_folder(out, resume, overwrite)
+        if state is not None:
+            cfg = resumed_config(state, out, FinetuneConfig, cfg)
+            if state["epoch"] >= cfg.epochs:
+                return out
+        elif cfg is None:
+            cfg = finetune_config(**overrides)
+        return _train(cfg, state, out)
+
+
+def _check_init_not_out(init: str, out: Path) -> None:
+    """Refuse an output folder that is (or holds) the initialisation it reads: writing it would destroy it."""
+    if init == "scratch":
+        return
+    source, target = Path(init).resolve(), out.resolve()
+    if source == target or target in source.parents:
+        raise RunFolderError(f"--out {out} is the --init it reads ({init}); write the finetuning run to another "
+                             "folder")
+
+
+def _train(cfg: FinetuneConfig, state: dict[str, Any] | None, out: Path) -> Path:
     from anatomask_lab.data.sampler import PatchDataset
 
-    out = Path(cfg.out_dir if cfg is not None else overrides.get("out_dir", "runs/finetune"))
-    state = None
-    if resume:
-        state = load_checkpoint(checkpoint_path(out))
-        cfg = replace(config_from_dict(state["config"], FinetuneConfig), out_dir=str(out))
-    elif cfg is None:
-        cfg = finetune_config(**overrides)
     device = resolve_device(cfg.device)
     info = DatasetInfo.read(cfg.data_dir)
     num_classes, in_channels = info.num_classes, info.in_channels
@@ -151,11 +183,13 @@ def run(cfg: FinetuneConfig | None = None, *, resume: bool = False, **overrides:
             step += 1
         epoch_loss = float(loss_sum) / cfg.iters_per_epoch  # one host sync per epoch
         if not math.isfinite(epoch_loss):
-            raise FloatingPointError(f"non-finite finetuning loss in epoch {epoch}; the last good checkpoint "
-                                     f"({checkpoint_path(out)}) is untouched")
+            raise FloatingPointError(f"non-finite finetuning loss in epoch {epoch}; " + stopped_note(out))
         record: dict[str, Any] = {"type": "epoch", "epoch": epoch, "step": step, "loss": epoch_loss, "lr": lr,
                                   "seconds": time.perf_counter() - t0}
         is_val = (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs
+        saves_last = (epoch + 1) % cfg.ckpt_every == 0 or epoch + 1 == cfg.epochs
+        if saves_last or is_val:  # a checkpoint may follow: its weights must be finite
+            check_finite_weights({"model": model}, out, epoch)
         if is_val:
             record["val_dice"] = validation_dice(model, cfg, info, device, amp_dtype)
         log.write(**record)
@@ -165,7 +199,7 @@ def run(cfg: FinetuneConfig | None = None, *, resume: bool = False, **overrides:
         if is_val and record["val_dice"] > best:
             best = ckpt["best_dice"] = record["val_dice"]
             save_checkpoint(checkpoint_path(out, "best"), ckpt)
-        if (epoch + 1) % cfg.ckpt_every == 0 or epoch + 1 == cfg.epochs:
+        if saves_last:
             save_checkpoint(checkpoint_path(out), ckpt)
     return out
 
@@ -247,35 +281,26 @@ def load_segmenter(run_or_ckpt: str | Path, which: str = "best", device: str = "
 
 
 def add_cli(subparsers) -> None:
-    from anatomask_lab.config_args import add_config_arguments
+    from anatomask_lab.config_args import add_config_arguments, add_run_arguments
 
     p = subparsers.add_parser("finetune", help="finetune STU-Net for segmentation from a pretrained encoder",
                               description="Finetune a full STU-Net (Dice+CE, deep supervision) initialised from a "
                               "pretraining run/checkpoint, an exported encoder, or from scratch.")
-    p.add_argument("--preset", choices=sorted(FINETUNE_PRESETS), default="B", help="model size and recipe "
+    p.add_argument("--preset", choices=sorted(FINETUNE_PRESETS), default=None, help="model size and recipe "
                    "(default: B)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--print-config", action="store_true",
-                   help="print the resolved configuration as JSON and exit (creates nothing)")
+    add_run_arguments(p)
     add_config_arguments(p, FinetuneConfig, FINETUNE_PRESETS, lambda preset: finetune_config(preset))
     p.set_defaults(func=_cli)
 
 
 def _cli(args) -> int:
-    from anatomask_lab.config_args import overrides_from_args, print_config, require_out
+    from anatomask_lab.config_args import overrides_from_args
+    from anatomask_lab.runs import run_from_cli
 
-    if args.resume:
-        if args.print_config:
-            state = load_checkpoint(checkpoint_path(require_out(args)))
-            print_config(replace(config_from_dict(state["config"], FinetuneConfig), out_dir=args.out_dir))
-            return 0
-        out = run(resume=True, out_dir=require_out(args))
-    else:
-        cfg = finetune_config(args.preset, **overrides_from_args(args, FinetuneConfig))
-        if args.print_config:
-            print_config(cfg)
-            return 0
-        require_out(args)
-        out = run(cfg)
-    print(f"run folder: {out}")
+    def build() -> FinetuneConfig:
+        return finetune_config(args.preset or "B", **overrides_from_args(args, FinetuneConfig))
+
+    out = run_from_cli(args, FinetuneConfig, build, run, "finetune")
+    if out is not None:
+        print(f"run folder: {out}")
     return 0

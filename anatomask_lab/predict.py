@@ -3,6 +3,7 @@ geometry (shape, orientation and affine of each case's source image)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -92,7 +93,18 @@ def add_cli(subparsers) -> None:
     p.set_defaults(func=_cli)
 
 
+def _same_place(a: str | Path, b: str | Path) -> bool:
+    """Whether two paths name the same file or folder (after resolving links, or as the same existing inode)."""
+    a, b = Path(a), Path(b)
+    if a.resolve() == b.resolve():
+        return True
+    return a.exists() and b.exists() and os.path.samefile(a, b)
+
+
 def _cli(args) -> int:
+    if args.reference and _same_place(args.reference, args.out):
+        raise ValueError(f"--reference {args.reference} is the --out folder {args.out}: the ground truth would "
+                         "replace the predictions; choose another folder")
     with torch.inference_mode():
         files = predict_split(args.model, args.data, args.out, split=args.split, overlap=args.overlap,
                               mirror=args.mirror, device=args.device, which=args.which, quiet=args.quiet)

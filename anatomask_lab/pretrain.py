@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +26,20 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from anatomask_lab.config import PretrainConfig, config_from_dict, config_to_dict, pretrain_config
+from anatomask_lab.config import PretrainConfig, config_to_dict, pretrain_config
 from anatomask_lab.ema import make_teacher, momentum_at, update_momentum
 from anatomask_lab.masking import anatomask_mask, anatomical_ratio, mask_counts, random_mask
 from anatomask_lab.models import MIMModel, build_mim, mim_loss
 from anatomask_lab.runs import (
     MetricsLog,
+    check_finite_weights,
     checkpoint_path,
     code_version,
-    load_checkpoint,
+    prepare_run_folder,
+    resumed_config,
+    run_lock,
     save_checkpoint,
+    stopped_note,
     write_json_atomic,
 )
 from anatomask_lab.runtime import autocast, autocast_dtype, optimizer_step, resolve_device
@@ -214,34 +218,42 @@ def _dist_info() -> tuple[int, int, int]:
 # ----------------------------------------------------------------------------------------------------------------
 # the loop
 # ----------------------------------------------------------------------------------------------------------------
-def run(cfg: PretrainConfig | None = None, *, resume: bool = False, **overrides: Any) -> Path:
+def run(cfg: PretrainConfig | None = None, *, resume: bool | str = False, overwrite: bool = False,
+        **overrides: Any) -> Path:
     """Pretrain as ``cfg`` says (or ``pretrain_config(**overrides)``); returns the run folder.
 
     Writes ``config.json``, ``version.json``, ``metrics.jsonl`` and the last checkpoint (every ``ckpt_every``
-    epochs and at the end; :func:`anatomask_lab.runs.checkpoint_path`) under ``cfg.out_dir``. With
-    ``resume=True`` it continues from that checkpoint using the configuration stored in the run folder.
+    epochs and at the end; :func:`anatomask_lab.runs.checkpoint_path`) under ``cfg.out_dir``, holding the folder's
+    lock (:func:`anatomask_lab.runs.run_lock`). A folder that already holds a run is refused unless
+    ``overwrite=True`` (replace it) or ``resume`` is given: ``True`` continues from its checkpoint with the stored
+    configuration, ``"auto"`` does so when there is a checkpoint and starts otherwise
+    (:func:`anatomask_lab.runs.prepare_run_folder`).
+
+    Raises:
+        RunFolderError: the folder is refused (see above) or locked by another process.
+        FloatingPointError: a non-finite loss or non-finite weights; no checkpoint is written.
     """
     out = Path(cfg.out_dir if cfg is not None else overrides.get("out_dir", "runs/pretrain"))
-    state = None
-    if resume:
-        state = load_checkpoint(checkpoint_path(out))
-        cfg = replace(config_from_dict(state["config"]), out_dir=str(out))
-        if state["epoch"] >= cfg.epochs:
-            return out
-    elif cfg is None:
-        cfg = pretrain_config(**overrides)
-
     rank, world, local_rank = _dist_info()
-    device = resolve_device(cfg.device, local_rank)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    try:
-        return _train(cfg, state, out, device, rank, world)
-    finally:
-        if world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+    with run_lock(out, enabled=rank == 0):
+        state = prepare_run_folder(out, resume, overwrite, main=rank == 0)
+        if state is not None:
+            cfg = resumed_config(state, out, PretrainConfig, cfg, main=rank == 0)
+            if state["epoch"] >= cfg.epochs:
+                return out
+        elif cfg is None:
+            cfg = pretrain_config(**overrides)
+
+        device = resolve_device(cfg.device, local_rank)
+        if world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        try:
+            return _train(cfg, state, out, device, rank, world)
+        finally:
+            if world > 1 and dist.is_initialized():
+                dist.destroy_process_group()
 
 
 @dataclass
@@ -313,6 +325,7 @@ def _train(cfg: PretrainConfig, state: dict | None, out: Path, device, rank: int
         epoch_bar.set_postfix(loss=f"{record['loss']:.4f}", r_t=f"{record['r_t']:.3f}")
         r.epoch = epoch + 1
         if r.epoch % cfg.ckpt_every == 0 or r.epoch == cfg.epochs:
+            check_finite_weights({"student": r.student, "teacher": r.teacher}, r.out, epoch)
             mask_rng = _gather_rng(r.generator, world)  # every rank takes part
             if r.is_main:
                 save_checkpoint(checkpoint_path(out), _state(r, mask_rng))
@@ -367,10 +380,7 @@ def _run_epoch(r: _Run, loader, epoch: int, device, log: MetricsLog) -> dict[str
 
 def _check_finite(finite: torch.Tensor | None, epoch: int, step: int, out: Path) -> None:
     if finite is not None and not bool(finite):
-        raise FloatingPointError(
-            f"non-finite loss in epoch {epoch} (by step {step}); the run stops here. The last good checkpoint "
-            f"({checkpoint_path(out)}) is untouched: lower the learning rate or check the data, then resume."
-        )
+        raise FloatingPointError(f"non-finite loss in epoch {epoch} (by step {step}); " + stopped_note(out))
 
 
 def _gather_rng(generator: torch.Generator, world: int) -> list[torch.Tensor]:
@@ -410,40 +420,30 @@ def _assert_teacher_consistent(teacher: nn.Module) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 def add_cli(subparsers) -> None:
     from anatomask_lab.config import ABLATIONS, PRESETS, PretrainConfig
-    from anatomask_lab.config_args import add_config_arguments
+    from anatomask_lab.config_args import add_config_arguments, add_run_arguments
 
     p = subparsers.add_parser(
         "pretrain", help="pretrain a sparse STU-Net encoder with AnatoMask or SparK",
         description="Pretrain with AnatoMask (EMA teacher, reconstruction-guided masks) or SparK (random masks). "
         "Multi-GPU: torchrun --nproc_per_node N -m anatomask_lab.cli pretrain ...",
     )
-    p.add_argument("--preset", choices=sorted(PRESETS), default="B", help="model size and recipe (default: B)")
-    p.add_argument("--ablation", choices=sorted(ABLATIONS), default="none",
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="model size and recipe (default: B)")
+    p.add_argument("--ablation", choices=sorted(ABLATIONS), default=None,
                    help="one of the paper's ablations, applied over the preset (default: none)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--print-config", action="store_true",
-                   help="print the resolved configuration as JSON and exit (creates nothing)")
+    add_run_arguments(p)
     add_config_arguments(p, PretrainConfig, PRESETS, lambda preset: pretrain_config(preset), default_preset="B")
     p.set_defaults(func=_cli)
 
 
 def _cli(args) -> int:
-    from anatomask_lab.config_args import overrides_from_args, print_config, require_out
+    from anatomask_lab.config_args import overrides_from_args
+    from anatomask_lab.runs import run_from_cli
 
-    if args.resume:
-        if args.print_config:
-            print_config(replace(config_from_dict(load_checkpoint(checkpoint_path(require_out(args)))["config"]),
-                                 out_dir=args.out_dir))
-            return 0
-        out = run(resume=True, out_dir=require_out(args))
-    else:
-        cfg = pretrain_config(args.preset, args.ablation, **overrides_from_args(args, PretrainConfig))
-        if args.print_config:
-            print_config(cfg)
-            return 0
-        require_out(args)
-        out = run(cfg)
-    if _dist_info()[0] == 0:
+    def build() -> PretrainConfig:
+        return pretrain_config(args.preset or "B", args.ablation or "none", **overrides_from_args(args, PretrainConfig))
+
+    main = _dist_info()[0] == 0
+    out = run_from_cli(args, PretrainConfig, build, run, "pretrain", main)
+    if out is not None and main:
         print(f"run folder: {out}")
     return 0
-

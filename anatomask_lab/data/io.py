@@ -69,7 +69,8 @@ def load_nifti(
         so its ``affine`` and ``shape`` give the original geometry.
 
     Raises:
-        DataError: missing, not NIfTI, truncated, not 3D (a trailing singleton 4th axis is dropped), or not finite.
+        DataError: missing, not NIfTI, truncated, not 3D (a trailing singleton 4th axis is dropped), a singular
+            affine, or not finite.
     """
     path = Path(path)
     if not path.is_file():
@@ -90,6 +91,9 @@ def load_nifti(
     except Exception as exc:  # EOFError, zlib.error, OSError for truncated files
         raise DataError(f"{path}: truncated or corrupt data ({type(exc).__name__}: {exc})") from exc
     affine = np.asarray(img.affine, dtype=np.float64)
+    if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+        raise DataError(f"{path}: singular affine (voxel-to-world matrix {np.round(affine[:3, :3], 4).tolist()}); "
+                        "the header gives no usable voxel geometry")
     if canonical:
         ornt = nib.orientations.io_orientation(affine)
         affine = affine @ nib.orientations.inv_ornt_aff(ornt, data.shape)

@@ -24,9 +24,15 @@ prepared case's ground truth again through the same label code, in the original 
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
 import shutil
+import signal
+import sys
+import threading
+import time
 import zlib
 from collections.abc import Sequence
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
@@ -65,6 +71,7 @@ __all__ = [
 ]
 
 FG_PER_CLASS = 1000  # foreground voxels kept per class for oversampling
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 @dataclass(frozen=True)
@@ -148,8 +155,13 @@ def _cropped_affine(affine: np.ndarray, box, ratio: np.ndarray) -> np.ndarray:
 
 
 def _source_meta(source: CaseSource) -> dict:
-    return {"images": [str(p) for p in source.images], "label": str(source.label) if source.label else None,
-            "masks": len(source.masks), "mask_files": {n: str(p) for n, p in source.masks}, **dict(source.info)}
+    """Where a case came from, as absolute paths (a relative one would break from another working directory)."""
+    def full(p: Path) -> str:
+        return os.path.abspath(p)
+
+    return {"images": [full(p) for p in source.images], "label": full(source.label) if source.label else None,
+            "masks": len(source.masks), "mask_files": {n: full(p) for n, p in source.masks}, "cwd": os.getcwd(),
+            **dict(source.info)}
 
 
 def _case_meta(source: CaseSource, orig, data_shape, affine, box, spacing, image, label, stats) -> dict:
@@ -294,8 +306,78 @@ def _read_json(path: Path) -> dict:
         raise DataError(f"{path}: not valid JSON ({exc})") from exc
 
 
+def _die_with_parent(starter: int) -> None:
+    """Pool initializer: the worker ends when the process that started the preparation dies (even by SIGKILL).
+
+    Linux: ``prctl(PR_SET_PDEATHSIG, SIGKILL)``; everywhere: a daemon thread that watches ``os.getppid()``.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+
+    parent = os.getppid()  # the starter, or a fork server that ends with it
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
+    try:
+        os.kill(starter, 0)
+    except ProcessLookupError:  # the starter died before prctl took effect
+        os._exit(1)
+
+
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """Kill the pool's workers now (on an error, SIGINT or SIGTERM) instead of letting them finish their cases."""
+    for proc in list((getattr(pool, "_processes", None) or {}).values()):
+        with contextlib.suppress(Exception):
+            proc.kill()
+    pool.shutdown(wait=False, cancel_futures=True)
+
+
+@contextlib.contextmanager
+def _sigterm_as_exit():
+    """In the main thread, turn SIGTERM into ``SystemExit`` so that the pool is stopped on the way out."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run_pool(jobs: list, workers: int, bar) -> None:
+    pool = ProcessPoolExecutor(max_workers=workers, initializer=_die_with_parent, initargs=(os.getpid(),))
+    try:
+        with _sigterm_as_exit():
+            pending = {pool.submit(_write_case, j) for j in jobs}
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                bar.update(len(done))
+                failed = next((f for f in done if f.exception() is not None), None)
+                if failed is not None:
+                    raise failed.exception()
+    except BaseException:
+        _stop_workers(pool)
+        raise
+    pool.shutdown(wait=True)
+
+
 def _run_jobs(jobs: list, workers: int, desc: str, progress: bool) -> None:
-    """Run :func:`_write_case` over ``jobs`` here (``workers <= 1``) or in a process pool; the first error stops."""
+    """Run :func:`_write_case` over ``jobs`` here (``workers <= 1``) or in a process pool; the first error stops.
+
+    Workers never outlive the preparation: an error, SIGINT or SIGTERM kills them, and they die with their parent.
+    """
     from tqdm.auto import tqdm
 
     with tqdm(total=len(jobs), desc=desc, unit="case", disable=not progress) as bar:
@@ -304,17 +386,7 @@ def _run_jobs(jobs: list, workers: int, desc: str, progress: bool) -> None:
                 _write_case(job)
                 bar.update()
             return
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            pending = {pool.submit(_write_case, j) for j in jobs}
-            while pending:
-                done, pending = wait(pending, return_when=FIRST_EXCEPTION)
-                bar.update(len(done))
-                failed = next((f for f in done if f.exception() is not None), None)
-                if failed is not None:
-                    for p in pending:
-                        p.cancel()
-                    pool.shutdown(wait=True, cancel_futures=True)
-                    raise failed.exception()
+        _run_pool(jobs, workers, bar)
 
 
 def _case_entries(cases: Sequence[CaseSource], out: Path, seed: int, split_groups) -> tuple[list[CaseEntry], str]:

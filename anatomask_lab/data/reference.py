@@ -24,19 +24,34 @@ __all__ = ["case_source", "reference_label", "write_reference_label", "write_ref
 
 
 
-def case_source(case_meta: dict) -> CaseSource:
-    """The :class:`CaseSource` a prepared case was made from, rebuilt from its ``meta.json``.
+def _source_path(text: str, src: dict, where: str | Path) -> Path:
+    """A recorded source path: absolute as written, or a relative one resolved against the recorded ``cwd``.
+
+    Raises:
+        DataError: a relative path without a recorded working directory (it would depend on where one runs).
+    """
+    path = Path(text)
+    if path.is_absolute():
+        return path
+    if src.get("cwd"):
+        return Path(src["cwd"]) / path
+    raise DataError(f"{where}: source path {text!r} is relative and the folder it was prepared from is not "
+                    "recorded; prepare the dataset again (paths are now stored absolute)")
+
+
+def case_source(case_meta: dict, where: str | Path = "meta.json") -> CaseSource:
+    """The :class:`CaseSource` a prepared case was made from, rebuilt from its ``meta.json`` (``where``, for errors).
 
     Mask files come from ``source.mask_files``; cases prepared before it was recorded fall back to the
     TotalSegmentator layout (``segmentations/*.nii.gz`` beside the first image), which is what made them.
 
     Raises:
-        DataError: such a fallback finds no mask file.
+        DataError: such a fallback finds no mask file, or a relative source path cannot be resolved.
     """
     src = case_meta["source"]
-    images = tuple(Path(p) for p in src["images"])
+    images = tuple(_source_path(p, src, where) for p in src["images"])
     if "mask_files" in src:
-        masks = tuple((n, Path(p)) for n, p in src["mask_files"].items())
+        masks = tuple((n, _source_path(p, src, where)) for n, p in src["mask_files"].items())
     elif src.get("masks"):
         seg_dir = images[0].parent / "segmentations"
         files = sorted(seg_dir.glob("*.nii.gz"))
@@ -47,7 +62,7 @@ def case_source(case_meta: dict) -> CaseSource:
     else:
         masks = ()
     return CaseSource(case_meta["case_id"], images, tuple(case_meta["modalities"]),
-                      label=Path(src["label"]) if src.get("label") else None, masks=masks)
+                      label=_source_path(src["label"], src, where) if src.get("label") else None, masks=masks)
 
 
 def reference_label(dataset_dir, case_id: str, table: LabelTable) -> tuple[np.ndarray, dict]:
@@ -69,7 +84,7 @@ def reference_label(dataset_dir, case_id: str, table: LabelTable) -> tuple[np.nd
         DataError: the case has no label source, or its source files are missing or unusable.
     """
     meta = read_case_meta(dataset_dir, case_id)
-    source = case_source(meta)
+    source = case_source(meta, case_dir(dataset_dir, case_id) / "meta.json")
     if not source.has_label:
         raise DataError(f"{case_dir(dataset_dir, case_id) / 'meta.json'}: case {case_id!r} was prepared without a "
                         "label; there is no reference to write")

@@ -114,6 +114,11 @@ def find_cases(src, version: str = "auto") -> tuple[list[CaseSource], str]:
     if not src.is_dir():
         raise DataError(f"{src}: not a folder")
     subjects = sorted(d for d in src.iterdir() if d.is_dir() and (d / "ct.nii.gz").is_file())
+    dropped = sorted(d for d in src.iterdir() if d.is_dir() and d not in subjects and (
+        (d / "ct.nii.gz").is_symlink() or (d / "ct.nii.gz").exists() or (d / "segmentations").is_dir()))
+    if dropped:  # a subject whose image cannot be read is an error, not a case to skip silently
+        raise DataError(f"{dropped[0] / 'ct.nii.gz'}: missing or unreadable (a broken link or not a file); "
+                        f"{len(dropped)} subject(s) affected")
     if not subjects:
         entries = sorted(p.name for p in src.iterdir())
         what = f"it holds {len(entries)} entries, e.g. {entries[:5]}" if entries else "it is empty"
