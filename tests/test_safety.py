@@ -425,3 +425,27 @@ def test_debug_shows_the_traceback(tiny_dataset, tmp_path):
     file.write_text("")
     with pytest.raises(RunFolderError):
         main(["--debug", *_pretrain_args(tiny_dataset, file)])
+
+
+def test_prepare_from_another_source_prepares_the_changed_cases_again(tmp_path):
+    from anatomask_lab.data.phantom import generate_cohort
+    from anatomask_lab.data.prepare import totalsegmentator
+
+    kw = dict(shape=(40, 40, 32), spacing=(6.0, 6.0, 7.5), workers=1, progress=False)
+    first, second = tmp_path / "a", tmp_path / "b"
+    generate_cohort(first, 3, seed=0, **kw)
+    generate_cohort(second, 3, seed=5, **kw)
+    out = tmp_path / "prepared"
+    prep = dict(classes=["liver", "spleen"], spacing=(6.0, 6.0, 6.0), workers=1, progress=False)
+    totalsegmentator.prepare(first, out, **prep)
+    case = sorted((out / "cases").iterdir())[0]
+    before = np.load(case / "image.npy")
+    totalsegmentator.prepare(first, out, **prep)  # same sources: reused as they are
+    assert np.array_equal(np.load(case / "image.npy"), before)
+    totalsegmentator.prepare(second, out, **prep)  # same case ids, other files: prepared again
+    meta = json.loads((case / "meta.json").read_text())
+    assert meta["source"]["images"][0].startswith(str(second.resolve()))
+    assert not np.array_equal(np.load(case / "image.npy"), before)
+    fresh = tmp_path / "fresh"
+    totalsegmentator.prepare(second, fresh, **prep)
+    assert np.array_equal(np.load(case / "image.npy"), np.load(fresh / "cases" / case.name / "image.npy"))

@@ -161,7 +161,23 @@ def _source_meta(source: CaseSource) -> dict:
 
     return {"images": [full(p) for p in source.images], "label": full(source.label) if source.label else None,
             "masks": len(source.masks), "mask_files": {n: full(p) for n, p in source.masks}, "cwd": os.getcwd(),
-            **dict(source.info)}
+            "fingerprint": source_fingerprint(source), **dict(source.info)}
+
+
+def source_fingerprint(source: CaseSource) -> list[list]:
+    """``[absolute path, size, mtime_ns]`` of each file of a case: a finished case is reused only while its sources
+    are these very files, unchanged (an older case from other or changed sources is prepared again)."""
+    files = [*source.images, *([source.label] if source.label else []), *(p for _, p in source.masks)]
+    return [[os.path.abspath(p), int((st := os.stat(p)).st_size), int(st.st_mtime_ns)] for p in files]
+
+
+def _is_current(final: Path, source: CaseSource) -> bool:
+    if not (final / "meta.json").is_file():
+        return False
+    stored = _read_json(final / "meta.json").get("source", {})
+    if "fingerprint" in stored:
+        return stored["fingerprint"] == source_fingerprint(source)
+    return stored.get("images") == [os.path.abspath(p) for p in source.images]  # prepared before fingerprints
 
 
 def _case_meta(source: CaseSource, orig, data_shape, affine, box, spacing, image, label, stats) -> dict:
@@ -218,7 +234,7 @@ def preprocess_case(source: CaseSource, table: LabelTable | None, *, spacing=(1.
 def _write_case(args) -> str:
     source, table, settings, out_dir = args
     final = Path(out_dir) / "cases" / source.case_id
-    if (final / "meta.json").is_file():
+    if _is_current(final, source):
         return "skipped"
     res = preprocess_case(source, table, spacing=settings["spacing"], clip=settings["clip"],
                           label_mode=settings["label_mode"], image_kind=settings["image_kind"])
