@@ -449,3 +449,17 @@ def test_prepare_from_another_source_prepares_the_changed_cases_again(tmp_path):
     fresh = tmp_path / "fresh"
     totalsegmentator.prepare(second, fresh, **prep)
     assert np.array_equal(np.load(case / "image.npy"), np.load(fresh / "cases" / case.name / "image.npy"))
+
+
+def test_an_extra_structure_file_is_named(tmp_path, capsys):
+    from anatomask_lab.data.phantom import generate_cohort
+
+    release = tmp_path / "release"
+    generate_cohort(release, 2, seed=0, shape=(40, 40, 32), spacing=(6.0, 6.0, 7.5), workers=1, progress=False)
+    extra = sorted(p for p in release.iterdir() if p.is_dir())[1] / "segmentations" / "extra_thing.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.uint8), np.eye(4)), extra)
+    for more in ([], ["--version", "v2"]):
+        code = main(["prepare", "totalsegmentator", "--src", str(release), "--out", str(tmp_path / "out"),
+                     "--spacing", "6", "--workers", "1", *more])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and str(extra) in err and "extra_thing" in err

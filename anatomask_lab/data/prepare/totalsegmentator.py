@@ -131,8 +131,9 @@ def find_cases(src, version: str = "auto") -> tuple[list[CaseSource], str]:
             files = sorted(seg.glob("*.nii.gz"))
             masks_of[d.name] = tuple((f.name[: -len(".nii.gz")], f) for f in files)
             names.update(n for n, _ in masks_of[d.name])
-    example = next((f for m in masks_of.values() for _, f in m), src)
     if version == "auto":
+        outside = names - set(V1_STRUCTURES) - set(V2_STRUCTURES)  # name the file of an unknown structure
+        example = next((f for m in masks_of.values() for n, f in m if n in outside or not outside), src)
         version = detect_version(names, example) if names else "v2"
     elif version not in TABLES:
         raise DataError(f"unknown TotalSegmentator version {version!r} (v1, v2 or auto)")
