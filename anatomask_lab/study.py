@@ -62,8 +62,9 @@ class StudyConfig:
         patch: cubic patch edge for pretraining and finetuning (a multiple of 32).
         momentum: teacher EMA momentum ramp (demo scale: the reference's 0.999 -> 0.9999 assumes 1000 epochs).
         tolerance_mm: NSD tolerance (one voxel of the prepared grid is a sensible choice).
-        amp: precision of every run: "fp32", "bf16" (autocast; about 1.8x faster on CPUs with AVX-512 BF16),
-            "fp16" or "auto" (bf16 on CUDA, fp32 on a CPU).
+        amp: precision of every run: "fp32", "bf16" (autocast; about 1.8x faster on CPUs with AVX-512 BF16, where
+            oneDNN's bf16 convolution backward has given intermittent NaN gradients: a run then stops with an error
+            and saves nothing broken; rerun that cell in fp32), "fp16" or "auto" (bf16 on CUDA, fp32 on a CPU).
     """
 
     data_dir: str

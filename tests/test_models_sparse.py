@@ -164,7 +164,10 @@ def test_masked_backend_under_autocast(dtype):
     x = torch.randn(2, 1, *SHAPE)
     mask = random_mask(2, GRID, 0.6, generator=torch.Generator().manual_seed(6))
     ref = enc(x, mask)
-    with torch.autocast("cpu", dtype=dtype):
+    # oneDNN's bf16 weight-gradient convolution on CPUs with AVX-512 BF16 intermittently returns NaN for some inputs
+    # (3 of 40 random inputs on an AMD EPYC, never with oneDNN off): this test checks the kit's masking, not that
+    # kernel, so the CPU run uses PyTorch's own convolutions
+    with torch.backends.mkldnn.flags(enabled=False), torch.autocast("cpu", dtype=dtype):
         out = enc(x, mask)
         out[-1].float().square().mean().backward()
     for f, r, act in zip(out, ref, active_maps(mask, (16, 16, 16), STRIDES5)[1:], strict=True):
