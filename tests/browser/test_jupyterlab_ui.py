@@ -190,10 +190,13 @@ def _drive(page, lab: Lab, shots: Path) -> None:
     # Run > Run All Cells, then wait until every code cell has an execution count and the last one printed.
     page.click("li.lm-MenuBar-item:has-text('Run')")
     page.click(".lm-Menu-item:has(.lm-Menu-itemLabel:text-is('Run All Cells'))")
-    page.wait_for_function("""() => {
+    # JupyterLab renders only the cells in view (windowed notebook), so the prompts of cells scrolled away are
+    # blank: wait for the last code cell to show the execution count that every code cell run once gives
+    n_code = sum(c["cell_type"] == "code" for c in json.loads((REPO / "notebooks" / NOTEBOOK).read_text())["cells"])
+    page.wait_for_function("""n => {
         const prompts = [...document.querySelectorAll('.jp-CodeCell .jp-InputArea-prompt')];
-        return prompts.length > 0 && prompts.every(p => /\\[\\d+\\]/.test(p.innerText));
-    }""")
+        return prompts.length > 0 && prompts.at(-1).innerText.trim() === `[${n}]:`;
+    }""", arg=n_code)
     errors = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr'], "
                           ".jp-RenderedText[data-mime-type='application/vnd.jupyter.error']")
     assert errors.count() == 0, f"a cell failed: {errors.first.inner_text()[:2000]}"
