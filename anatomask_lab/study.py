@@ -14,6 +14,7 @@ Every finished cell is kept (``<out>/seed<s>/...``): a second call resumes where
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import platform
 import time
@@ -128,8 +129,6 @@ def _finetune_cell(cfg: StudyConfig, variant: str, setting: str, seed: int, refe
     cell = Path(cfg.out_dir) / f"seed{seed}" / f"labels_{setting}" / variant
     result = cell / "result.json"
     if result.is_file():
-        import json
-
         return json.loads(result.read_text())["rows"]
     init = "scratch" if VARIANTS[variant] is None else str(Path(cfg.out_dir) / f"seed{seed}" / f"pretrain_{variant}")
     run = cell / "finetune"
@@ -150,17 +149,11 @@ def _finetune_cell(cfg: StudyConfig, variant: str, setting: str, seed: int, refe
 
 
 def _case_means(per_class: list[dict], **keys: Any) -> list[dict]:
-    """Per-case means over the classes present in the ground truth (NaN scores skipped)."""
-    cases: dict[str, list[dict]] = {}
-    for r in per_class:
-        cases.setdefault(r["case"], []).append(r)
-    out = []
-    for case, rs in sorted(cases.items()):
-        dsc = [r["dsc"] for r in rs if r["dsc"] is not None and not math.isnan(r["dsc"])]
-        nsd = [r["nsd"] for r in rs if r["nsd"] is not None and not math.isnan(r["nsd"])]
-        out.append({**keys, "case": case, "dsc": float(np.mean(dsc)) if dsc else math.nan,
-                    "nsd": float(np.mean(nsd)) if nsd else math.nan})
-    return out
+    """Per-case means over the classes present in the ground truth (NaN scores skipped), as the demo's tables."""
+    from anatomask_lab.report import case_means
+
+    dsc, nsd = case_means(per_class, "dsc"), case_means(per_class, "nsd")
+    return [{**keys, "case": case, "dsc": dsc[case], "nsd": nsd[case]} for case in sorted(dsc)]
 
 
 @torch.no_grad()
@@ -254,8 +247,6 @@ def run_study(cfg: StudyConfig, *, command: str = "", data_label: str | None = N
 
 def _previous_wall_time(out: Path) -> float:
     """Wall time of earlier calls on this study folder (a resumed study reports the sum over its calls)."""
-    import json
-
     try:
         return float(json.loads((out / "study.json").read_text())["meta"]["wall_time_s"])
     except (OSError, KeyError, TypeError, ValueError):
@@ -301,8 +292,6 @@ def _pm(values: list[float], digits: int = 4) -> str:
 
 
 def _cached(path: Path, compute) -> dict:
-    import json
-
     if path.is_file():
         return json.loads(path.read_text())
     value = compute()
