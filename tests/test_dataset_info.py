@@ -44,7 +44,8 @@ def test_a_legacy_file_reads_with_its_helpers_and_round_trips(tmp_path):
     assert info.extra == {"source_table": "my release"} and info.source_classes == ()
     info.write(tmp_path / "copy")
     written = json.loads((tmp_path / "copy" / "dataset.json").read_text())
-    assert written == {**_legacy(), "source_classes": []}  # additive: every old key kept, unchanged
+    # additive: every old key kept, unchanged; nnU-Net's names derived from them
+    assert written == {**_legacy(), "source_classes": [], "channel_names": {"0": "CT"}, "numTraining": 3}
     assert DatasetInfo.read(tmp_path / "copy") == info
 
 

@@ -5,12 +5,21 @@ evaluation read it through :class:`DatasetInfo`. The file holds (``docs/data.md`
 
     format, name, channels, labels {name: id}, class_names, class_sources {name: [source structures]},
     source_classes (the release's class table, value order), spacing, axes, label_dtype, normalisation,
-    split_source, splits {train, val, test: [ids]}, num_cases, cases [{id, has_label, split, shape}], ...
+    split_source, splits {train, val, test: [ids]}, num_cases, cases [{id, has_label, split, shape}],
+    channel_names {"0": name}, numTraining, file_ending, ...
 
 plus any keys a preparer adds (kept as :attr:`DatasetInfo.extra`). Each case's split is held once, by its case
 entry; the ``splits`` lists and ``num_cases`` are derived from the cases when writing, and checked against them
-when reading. Case ids name folders under ``cases/`` and output files, and a prepared folder may come from
-another user, so every id read is checked to be one plain file name.
+when reading.
+
+Four keys carry nnU-Net v2's names where they mean the same: ``labels`` ({name: id}, background 0),
+``channel_names`` ({"0": name, ...}, derived from ``channels``), ``numTraining`` (the number of labelled cases,
+derived from the cases) and ``file_ending`` (the ending of the source images the cases were prepared from, as an
+nnU-Net preprocessed folder keeps its raw data's; absent when unknown or mixed: the kit's own arrays are always
+``.npy``). Files written before these keys read as before; when present they must agree with the kit's own keys.
+
+Case ids name folders under ``cases/`` and output files, and a prepared folder may come from another user, so
+every id read is checked to be one plain file name.
 """
 
 from __future__ import annotations
@@ -43,7 +52,8 @@ FILE_NAME = "dataset.json"
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 AXES = "image [C, x, y, z], label [x, y, z]; canonical RAS+ grid (x right, y anterior, z superior)"
 _KNOWN = ("format", "name", "channels", "labels", "class_names", "class_sources", "source_classes", "spacing",
-          "axes", "label_dtype", "normalisation", "split_source", "splits", "num_cases", "cases")
+          "axes", "label_dtype", "normalisation", "split_source", "splits", "num_cases", "cases", "channel_names",
+          "numTraining", "file_ending")
 
 
 def check_case_id(case_id: Any, where: str | Path = FILE_NAME) -> str:
@@ -102,6 +112,7 @@ class DatasetInfo:
         split_source: where the splits come from (text).
         label_dtype: dtype name of ``label.npy``, or None.
         axes: the array axis convention (text).
+        file_ending: ending of the source image files (``.nii.gz``, ``.mha``, ...), or None when unknown or mixed.
         format: format tag.
         extra: any other keys, written back unchanged.
         path: the file this was read from (named in errors; not compared).
@@ -118,6 +129,7 @@ class DatasetInfo:
     split_source: str = ""
     label_dtype: str | None = None
     axes: str = AXES
+    file_ending: str | None = None
     format: str = FORMAT
     extra: Mapping[str, Any] = field(default_factory=dict)
     path: Path | None = field(default=None, compare=False, repr=False)
@@ -164,19 +176,22 @@ class DatasetInfo:
             value = content.get(key)
             return default if value is None else value
 
+        cases = _cases(content, path)
+        _check_num_training(content, cases, path)
         return cls(
             name=str(get("name") or ""),
-            channels=_strings(get("channels", []), "channels", path),
+            channels=_channels(content, path),
             class_names=_class_names(content, path),
             class_sources={str(k): _strings(v, f"class_sources[{k!r}]", path)
                            for k, v in _mapping(get("class_sources", {}), "class_sources", path).items()},
             source_classes=_strings(get("source_classes", []), "source_classes", path),
             spacing=_spacing(get("spacing"), path),
-            cases=_cases(content, path),
+            cases=cases,
             normalisation=str(get("normalisation") or ""),
             split_source=str(get("split_source") or ""),
             label_dtype=get("label_dtype"),
             axes=str(get("axes") or AXES),
+            file_ending=_file_ending(get("file_ending"), path),
             format=str(get("format") or FORMAT),
             extra={k: v for k, v in content.items() if k not in _KNOWN},
             path=Path(path),
@@ -200,6 +215,9 @@ class DatasetInfo:
             "splits": {s: list(ids) for s, ids in self.splits.items()},
             "num_cases": len(self.cases),
             "cases": [c.to_json() for c in self.cases],
+            "channel_names": self.channel_names,
+            "numTraining": self.num_training,
+            **({"file_ending": self.file_ending} if self.file_ending is not None else {}),
             **self.extra,
         }
 
@@ -218,6 +236,16 @@ class DatasetInfo:
     def in_channels(self) -> int:
         """Number of image channels (the network's input channels)."""
         return len(self.channels)
+
+    @property
+    def channel_names(self) -> dict[str, str]:
+        """nnU-Net's ``channel_names``: ``{"0": first channel, "1": second, ...}``."""
+        return {str(i): c for i, c in enumerate(self.channels)}
+
+    @property
+    def num_training(self) -> int:
+        """nnU-Net's ``numTraining``: the number of labelled cases (in nnU-Net, the cases of imagesTr/labelsTr)."""
+        return sum(c.has_label for c in self.cases)
 
     @property
     def labels(self) -> dict[str, int]:
@@ -312,6 +340,39 @@ def _strings(value: Any, key: str, path) -> tuple[str, ...]:
     if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
         raise DataError(f"{path}: '{key}' must be a list of strings")
     return tuple(value)
+
+
+def _channels(content: Mapping, path) -> tuple[str, ...]:
+    """``channels``, or nnU-Net's ``channel_names`` {"0": name, ...} (indices 0..C-1); both must agree."""
+    channels = _strings(content["channels"], "channels", path) if content.get("channels") is not None else None
+    if content.get("channel_names") is None:
+        return channels or ()
+    names = _mapping(content["channel_names"], "channel_names", path)
+    if sorted(names) != sorted(str(i) for i in range(len(names))) or not all(isinstance(v, str)
+                                                                              for v in names.values()):
+        raise DataError(f"{path}: 'channel_names' must map the indices \"0\"..\"{len(names) - 1}\" to names")
+    from_names = tuple(names[str(i)] for i in range(len(names)))
+    if channels is not None and channels != from_names:
+        raise DataError(f"{path}: 'channel_names' {dict(names)} and 'channels' {list(channels)} disagree")
+    return from_names
+
+
+def _check_num_training(content: Mapping, cases: tuple[CaseEntry, ...], path) -> None:
+    """nnU-Net's ``numTraining``, when present, must be the number of labelled cases."""
+    value = content.get("numTraining")
+    if value is None:
+        return
+    n = sum(c.has_label for c in cases)
+    if not isinstance(value, int) or isinstance(value, bool) or value != n:
+        raise DataError(f"{path}: 'numTraining' is {value!r} but {n} cases are labelled")
+
+
+def _file_ending(value: Any, path) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.startswith("."):
+        raise DataError(f"{path}: 'file_ending' must be a string starting with '.', found {value!r}")
+    return value
 
 
 def _spacing(value: Any, path) -> tuple[float, ...] | None:

@@ -1,10 +1,10 @@
 """Turn release-layout cases into the preprocessed dataset folder that training reads.
 
-Per case: read the NIfTI channels (and label) with nibabel, check them, reorient to the closest canonical (RAS+)
-orientation, crop to the non-zero bounding box, resample to the target spacing (default 1.5 mm isotropic, as in
-the paper), normalise intensities, and write memory-mappable arrays plus metadata. Cases are processed in
-parallel, each written atomically (a temporary folder renamed into place), so an interrupted run resumes and skips
-finished cases.
+Per case: read the channels (and label) with :func:`anatomask_lab.data.io.load_image` (NIfTI through nibabel;
+MetaImage and NRRD through SimpleITK), check them, reorient to the closest canonical (RAS+) orientation, crop to
+the non-zero bounding box, resample to the target spacing (default 1.5 mm isotropic, as in the paper), normalise
+intensities, and write memory-mappable arrays plus metadata. Cases are processed in parallel, each written
+atomically (a temporary folder renamed into place), so an interrupted run resumes and skips finished cases.
 
 Folder layout written by :func:`preprocess_dataset`::
 
@@ -18,24 +18,18 @@ Folder layout written by :func:`preprocess_dataset`::
 
 Array axes x, y, z follow the canonical grid: world x (patient right), y (anterior), z (superior) increase with
 the index. Resampling and normalisation live in :mod:`anatomask_lab.data.resample`, class tables and label
-loading in :mod:`anatomask_lab.data.labels`; this module drives them. :mod:`anatomask_lab.data.reference` reads a
-prepared case's ground truth again through the same label code, in the original geometry, for evaluation.
+loading in :mod:`anatomask_lab.data.labels`, the worker pool in :mod:`anatomask_lab.data.pool`; this module drives
+them. :mod:`anatomask_lab.data.reference` reads a prepared case's ground truth again through the same label code,
+in the original geometry, for evaluation.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import json
 import os
 import shutil
-import signal
-import sys
-import threading
-import time
 import zlib
 from collections.abc import Sequence
-from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,8 +37,17 @@ import nibabel as nib
 import numpy as np
 
 from anatomask_lab.data.dataset import FORMAT, CaseEntry, DatasetInfo, check_case_id, read_case_meta
-from anatomask_lab.data.io import DataError, atomic_dir, atomic_write_json, check_same_grid, load_nifti, nifti_spacing
+from anatomask_lab.data.io import (
+    DataError,
+    atomic_dir,
+    atomic_write_json,
+    check_same_grid,
+    image_ending,
+    load_image,
+    nifti_spacing,
+)
 from anatomask_lab.data.labels import LabelTable, load_case_label, make_label_table
+from anatomask_lab.data.pool import run_jobs
 from anatomask_lab.data.resample import (
     CT_BODY_HU,
     normalise,
@@ -71,7 +74,6 @@ __all__ = [
 ]
 
 FG_PER_CLASS = 1000  # foreground voxels kept per class for oversampling
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 @dataclass(frozen=True)
@@ -80,7 +82,7 @@ class CaseSource:
 
     Attributes:
         case_id: identifier used for file names (letters, digits, ``_``, ``-``, ``.``).
-        images: one NIfTI file per channel.
+        images: one image file per channel (NIfTI; MetaImage or NRRD with SimpleITK).
         modalities: one of ``"CT"``, ``"MR"``, ``"PET"`` per channel (decides normalisation).
         label: a label-map file whose values index the source class table, or None.
         masks: ``(structure, file)`` pairs of binary masks (TotalSegmentator style), merged into one label map.
@@ -109,10 +111,10 @@ class CaseSource:
 def _load_channels(source: CaseSource) -> tuple[list[np.ndarray], np.ndarray, nib.Nifti1Image]:
     """Every channel on the canonical grid of the first, checked; returns ``(channels, affine, original image)``."""
     ref = source.images[0]
-    data, affine, orig = load_nifti(ref)
+    data, affine, orig = load_image(ref)
     chans = [data]
     for p in source.images[1:]:
-        d, a, _ = load_nifti(p)
+        d, a, _ = load_image(p)
         check_same_grid(data.shape, affine, ref, d.shape, a, p)
         chans.append(d)
     for p, d in zip(source.images, chans, strict=True):
@@ -169,6 +171,12 @@ def source_fingerprint(source: CaseSource) -> list[list]:
     are these very files, unchanged (an older case from other or changed sources is prepared again)."""
     files = [*source.images, *([source.label] if source.label else []), *(p for _, p in source.masks)]
     return [[os.path.abspath(p), int((st := os.stat(p)).st_size), int(st.st_mtime_ns)] for p in files]
+
+
+def source_ending(cases: Sequence[CaseSource]) -> str | None:
+    """The file ending all image channels of ``cases`` share (``.nii.gz``, ``.mha``, ...), else None."""
+    endings = {image_ending(p) for c in cases for p in c.images}
+    return endings.pop() if len(endings) == 1 else None
 
 
 def _is_current(final: Path, source: CaseSource) -> bool:
@@ -322,89 +330,6 @@ def _read_json(path: Path) -> dict:
         raise DataError(f"{path}: not valid JSON ({exc})") from exc
 
 
-def _die_with_parent(starter: int) -> None:
-    """Pool initializer: the worker ends when the process that started the preparation dies (even by SIGKILL).
-
-    Linux: ``prctl(PR_SET_PDEATHSIG, SIGKILL)``; everywhere: a daemon thread that watches ``os.getppid()``.
-    """
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        except (OSError, AttributeError):
-            pass
-
-    parent = os.getppid()  # the starter, or a fork server that ends with it
-
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(1.0)
-        os._exit(1)
-
-    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
-    try:
-        os.kill(starter, 0)
-    except ProcessLookupError:  # the starter died before prctl took effect
-        os._exit(1)
-
-
-def _stop_workers(pool: ProcessPoolExecutor) -> None:
-    """Kill the pool's workers now (on an error, SIGINT or SIGTERM) instead of letting them finish their cases."""
-    for proc in list((getattr(pool, "_processes", None) or {}).values()):
-        with contextlib.suppress(Exception):
-            proc.kill()
-    pool.shutdown(wait=False, cancel_futures=True)
-
-
-@contextlib.contextmanager
-def _sigterm_as_exit():
-    """In the main thread, turn SIGTERM into ``SystemExit`` so that the pool is stopped on the way out."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def stop(signum, frame):
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _run_pool(jobs: list, workers: int, bar) -> None:
-    pool = ProcessPoolExecutor(max_workers=workers, initializer=_die_with_parent, initargs=(os.getpid(),))
-    try:
-        with _sigterm_as_exit():
-            pending = {pool.submit(_write_case, j) for j in jobs}
-            while pending:
-                done, pending = wait(pending, return_when=FIRST_EXCEPTION)
-                bar.update(len(done))
-                failed = next((f for f in done if f.exception() is not None), None)
-                if failed is not None:
-                    raise failed.exception()
-    except BaseException:
-        _stop_workers(pool)
-        raise
-    pool.shutdown(wait=True)
-
-
-def _run_jobs(jobs: list, workers: int, desc: str, progress: bool) -> None:
-    """Run :func:`_write_case` over ``jobs`` here (``workers <= 1``) or in a process pool; the first error stops.
-
-    Workers never outlive the preparation: an error, SIGINT or SIGTERM kills them, and they die with their parent.
-    """
-    from tqdm.auto import tqdm
-
-    with tqdm(total=len(jobs), desc=desc, unit="case", disable=not progress) as bar:
-        if workers <= 1:
-            for job in jobs:
-                _write_case(job)
-                bar.update()
-            return
-        _run_pool(jobs, workers, bar)
-
-
 def _case_entries(cases: Sequence[CaseSource], out: Path, seed: int, split_groups) -> tuple[list[CaseEntry], str]:
     """Case entries with their splits, and where the splits come from.
 
@@ -440,6 +365,7 @@ def preprocess_dataset(
     progress: bool = True,
     seed: int = 0,
     split_groups: Sequence[str] | None = None,
+    split_source: str | None = None,
     extra: dict | None = None,
 ) -> Path:
     """Preprocess every case into ``out_dir`` (layout in the module docstring) and write ``dataset.json``.
@@ -461,6 +387,7 @@ def preprocess_dataset(
         progress: tqdm bar over cases.
         seed: split seed.
         split_groups: group per case for the random split (e.g. patient id).
+        split_source: where the cases' own splits come from, for ``dataset.json`` (default "data set").
         extra: more keys for ``dataset.json``.
 
     Returns:
@@ -479,9 +406,11 @@ def preprocess_dataset(
     for stale in (out / "cases").glob(".*.tmp-*"):  # left by a killed run; never a finished case
         shutil.rmtree(stale, ignore_errors=True)
     jobs = [(c, table, settings, str(out)) for c in cases]
-    _run_jobs(jobs, min(os.cpu_count() or 1, len(jobs)) if workers is None else workers, f"prepare {name}",
-              progress)
-    entries, split_source = _case_entries(cases, out, seed, split_groups)
+    run_jobs(_write_case, jobs, min(os.cpu_count() or 1, len(jobs)) if workers is None else workers,
+             f"prepare {name}", progress)
+    entries, found_source = _case_entries(cases, out, seed, split_groups)
+    if split_source is None or not any(c.split for c in cases):
+        split_source = found_source
     DatasetInfo(
         name=name,
         channels=tuple(channels),
@@ -494,6 +423,7 @@ def preprocess_dataset(
         + "; other modalities: z-score over non-zero voxels (per case)",
         split_source=split_source,
         label_dtype=np.dtype(table.dtype).name if table else None,
+        file_ending=source_ending(cases),
         extra=dict(extra or {}),
     ).write(out)
     return out

@@ -1,4 +1,5 @@
-"""Preparers: one module per public data set, each turning its release layout into the preprocessed layout.
+"""Preparers: one module per public data set, each turning its release layout into the preprocessed layout, and
+two for a researcher's own data: ``nnunet`` (an nnU-Net v2 raw data set) and ``folder`` (unlabelled images).
 
 Every preparer module defines ``find_cases(src, ...)`` (scan and check the release layout), ``prepare(src, out,
 ...)`` (find, then :func:`anatomask_lab.data.preprocess.preprocess_dataset`), ``add_arguments(parser)`` and
@@ -19,7 +20,7 @@ from anatomask_lab.data.dataset import DatasetInfo
 from anatomask_lab.data.io import DataError
 from anatomask_lab.data.labels import LabelTable
 
-PREPARERS: tuple[str, ...] = ("totalsegmentator", "flare22", "amos22", "autopet2")
+PREPARERS: tuple[str, ...] = ("totalsegmentator", "flare22", "amos22", "autopet2", "nnunet", "folder")
 
 __all__ = [
     "PREPARERS",
@@ -51,7 +52,8 @@ def _spacing(values: list[float]) -> tuple[float, float, float]:
 def add_prepare_arguments(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
     """Add the options shared by all preparers, then the data set's own, and set ``func``."""
     mod = preparer(name)
-    parser.add_argument("--src", required=True, type=Path, help="release folder")
+    parser.add_argument("--src", required=True, type=Path, help="release folder (nnunet: the DatasetXXX_Name "
+                        "folder; folder: the folder of images)")
     parser.add_argument("--out", required=True, type=Path, help="preprocessed dataset folder (resumable)")
     parser.add_argument("--spacing", type=float, nargs="+", default=[1.5], metavar="MM",
                         help="target spacing: one value (isotropic) or three (default 1.5)")
@@ -136,7 +138,8 @@ def reference_table(info: DatasetInfo) -> LabelTable:
 
 def add_cli(subparsers) -> None:
     """Register ``anatomask-lab prepare NAME --src DIR --out DIR``."""
-    p = subparsers.add_parser("prepare", help="preprocess a public data set (or the phantom cohort)",
+    p = subparsers.add_parser("prepare", help="preprocess a public data set, the phantom cohort, an nnU-Net raw "
+                              "data set or a folder of images",
                               description="Preprocess a data set's release layout into the training layout.")
     sub = p.add_subparsers(dest="dataset", metavar="NAME", required=True)
     for name in PREPARERS:
