@@ -3,8 +3,9 @@
 Grid convention: new voxel ``i`` sits at old voxel position ``i * ratio`` along each axis (``ratio`` = new spacing
 / old spacing), so the origin is kept and a volume of ``n`` voxels becomes ``floor((n - 1) / ratio) + 1``. Images
 use a separable cubic (Keys) kernel after a Gaussian anti-aliasing filter along downsampled axes; labels use
-nearest neighbour or one-hot linear interpolation. :func:`restore_to_original` inverts resampling, crop and
-reorientation for label maps, using the geometry a case's ``meta.json`` records.
+nearest neighbour or one-hot linear interpolation. :func:`restore_to_canonical` inverts resampling and crop (for label
+maps and per-class probabilities alike) and :func:`restore_to_original` also the reorientation, using the geometry
+a case's ``meta.json`` records.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ __all__ = [
     "normalise",
     "resample_image",
     "resample_label",
+    "restore_to_canonical",
     "restore_to_original",
     "save_original_labels",
     "write_prediction",
@@ -193,11 +195,47 @@ def canonical_to_original(canonical: np.ndarray, case_meta: dict) -> np.ndarray:
     return np.ascontiguousarray(nib.orientations.apply_orientation(canonical, to_orig))
 
 
+def restore_to_canonical(array: np.ndarray, case_meta: dict, fill=0) -> np.ndarray:
+    """Map arrays on the preprocessed grid back to the case's canonical (RAS+) grid: un-resample and un-crop.
+
+    Nearest-neighbour inverse of the resampling (each canonical voxel of the crop box takes the preprocessed voxel
+    nearest to it), placed into the crop box; voxels outside the box get ``fill``. Leading axes (e.g. classes) are
+    carried along, so label maps and per-class probabilities go back through the same voxel mapping.
+
+    Args:
+        array: ``[..., X', Y', Z']`` on the preprocessed grid (``case_meta["shape"]``).
+        case_meta: the case's ``meta.json`` (dict).
+        fill: value outside the crop box: a scalar, or one value per leading index (shape ``array.shape[:-3]``).
+
+    Returns:
+        ``[..., *case_meta["canonical"]["shape"]]``, same dtype as ``array``; its voxel-to-world matrix is
+        ``case_meta["canonical"]["affine"]``.
+
+    Raises:
+        DataError: ``array`` is not on the preprocessed grid.
+    """
+    array = np.asarray(array)
+    if array.ndim < 3 or tuple(array.shape[-3:]) != tuple(case_meta["shape"]):
+        raise DataError(f"case {case_meta['case_id']}: prediction shape {array.shape} differs from the "
+                        f"preprocessed shape {tuple(case_meta['shape'])}")
+    canon_aff = np.asarray(case_meta["canonical"]["affine"])
+    ratio = np.asarray(case_meta["spacing"], float) / nifti_spacing(canon_aff)
+    box = case_meta["crop_box"]
+    crop_shape = [b - a for a, b in box]
+    idx = [np.clip(np.rint(np.arange(n) / r).astype(np.int64), 0, m - 1)
+           for n, r, m in zip(crop_shape, ratio, array.shape[-3:], strict=True)]
+    lead = array.shape[:-3]
+    canon = np.empty((*lead, *case_meta["canonical"]["shape"]), dtype=array.dtype)
+    canon[...] = np.asarray(fill, dtype=array.dtype).reshape(np.shape(fill) + (1, 1, 1))
+    canon[(Ellipsis, *(slice(a, b) for a, b in box))] = array[(Ellipsis, *np.ix_(*idx))]
+    return canon
+
+
 def restore_to_original(label_array: np.ndarray, case_meta: dict) -> np.ndarray:
     """Map a label map on the preprocessed grid back to the original file's grid (shape and orientation).
 
     Nearest-neighbour inverse of the resampling, placed into the crop box (zeros outside), then re-oriented from
-    canonical to the stored orientation.
+    canonical to the stored orientation (:func:`restore_to_canonical`, then :func:`canonical_to_original`).
 
     Args:
         label_array: int [X', Y', Z'] on the preprocessed grid (``case_meta["shape"]``).
@@ -210,18 +248,10 @@ def restore_to_original(label_array: np.ndarray, case_meta: dict) -> np.ndarray:
         DataError: ``label_array`` is not on the preprocessed grid.
     """
     label_array = np.asarray(label_array)
-    if tuple(label_array.shape) != tuple(case_meta["shape"]):
+    if label_array.ndim != 3:
         raise DataError(f"case {case_meta['case_id']}: prediction shape {label_array.shape} differs from the "
                         f"preprocessed shape {tuple(case_meta['shape'])}")
-    canon_aff = np.asarray(case_meta["canonical"]["affine"])
-    ratio = np.asarray(case_meta["spacing"], float) / nifti_spacing(canon_aff)
-    box = case_meta["crop_box"]
-    crop_shape = [b - a for a, b in box]
-    idx = [np.clip(np.rint(np.arange(n) / r).astype(np.int64), 0, m - 1)
-           for n, r, m in zip(crop_shape, ratio, label_array.shape, strict=True)]
-    canon = np.zeros(case_meta["canonical"]["shape"], dtype=label_array.dtype)
-    canon[tuple(slice(a, b) for a, b in box)] = label_array[np.ix_(*idx)]
-    return canonical_to_original(canon, case_meta)
+    return canonical_to_original(restore_to_canonical(label_array, case_meta), case_meta)
 
 
 def save_original_labels(restored: np.ndarray, case_meta: dict, path) -> Path:
