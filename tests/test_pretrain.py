@@ -255,7 +255,10 @@ def test_export_loads_into_build_stunet(tiny_dataset, tmp_path):
     assert any(k.startswith("conv_blocks_context.0.0.conv1") for k in weights)
     assert {k.split(".")[0] for k in weights} == {"conv_blocks_context", "upsample_layers",
                                                   "conv_blocks_localization", "seg_outputs"}
-    assert torch.equal(weights["conv_blocks_context.0.0.conv1.weight"], student["encoder.stages.0.0.conv1.weight"])
+    # kernels in nnU-Net's file order (z, y, x) by default: the student's with their spatial axes reversed
+    assert torch.equal(weights["conv_blocks_context.0.0.conv1.weight"],
+                       student["encoder.stages.0.0.conv1.weight"].permute(0, 1, 4, 3, 2))
+    assert stu["axes"] == "stunet" and load_checkpoint(tmp_path / "enc_stunet.pth")["axes"] == "stunet"
 
 
 def test_config_presets_and_bad_values():

@@ -19,7 +19,8 @@ stages), and a pretraining step on two 64^3 patches takes about a second on 2 CP
 The encoder is the submodule ``encoder`` (``STUNetEncoder``); the MIM model's sparse encoder subclasses it, so
 ``stunet.encoder.load_state_dict(mim.encoder.state_dict(), strict=False)`` loads the pretrained stages by key (the
 6th stage exists only here). :func:`load_encoder_weights` also adapts the first convolution to another number of
-input channels.
+input channels. STU-Net's own checkpoints (its key names, nnU-Net's axis order) are read and written by
+:mod:`anatomask_lab.stunet_weights`.
 """
 
 from __future__ import annotations
@@ -43,11 +44,13 @@ __all__ = [
     "STUNetDecoder",
     "STUNetEncoder",
     "STUNetSpec",
+    "adapt_in_channels",
     "build_stunet",
     "encoder_keys",
     "init_he",
     "load_encoder_weights",
     "normalize_strides",
+    "size_name",
 ]
 
 Stride3 = tuple[int, int, int]
@@ -80,6 +83,14 @@ SIZES: Mapping[str, STUNetSpec] = types.MappingProxyType(
 )
 
 DEFAULT_STRIDES: tuple[int, ...] = (1, 2, 2, 2, 2, 2)
+
+
+def size_name(widths: Sequence[int], blocks: Sequence[int]) -> str | None:
+    """The name of the size with these encoder widths and blocks per stage (``"B"`` ...), or None."""
+    for name, spec in SIZES.items():
+        if tuple(spec.widths) == tuple(widths) and tuple(spec.blocks) == tuple(blocks):
+            return name
+    return None
 
 
 def get_spec(size: str | STUNetSpec) -> STUNetSpec:
@@ -369,9 +380,12 @@ class EncoderLoadReport:
     adapted: tuple[str, ...]
 
 
-def _adapt_in_channels(w_src: torch.Tensor, c_dst: int) -> torch.Tensor:
-    # sum over the source channels, then spread evenly over the target channels: for an input that is equal in
-    # every channel the response is unchanged (1-channel source: repeat and divide by C)
+def adapt_in_channels(w_src: torch.Tensor, c_dst: int) -> torch.Tensor:
+    """A first-convolution weight ``[O, C_src, k, k, k]`` for ``c_dst`` input channels ``[O, c_dst, k, k, k]``.
+
+    Sums over the source channels, then spreads the sum evenly over the target channels: for an input that is equal
+    in every channel the response is unchanged (a 1-channel source is repeated and divided by ``c_dst``).
+    """
     w_sum = w_src.sum(dim=1, keepdim=True)
     return w_sum.repeat(1, c_dst, *([1] * (w_src.dim() - 2))) / c_dst
 
@@ -407,7 +421,7 @@ def load_encoder_weights(stunet: STUNet, state_dict: Mapping[str, torch.Tensor])
         want = target[key].shape
         if value.shape != want:
             if key in first_convs and value.shape[0] == want[0] and value.shape[2:] == want[2:]:
-                value = _adapt_in_channels(value, want[1])
+                value = adapt_in_channels(value, want[1])
                 adapted.append(key)
             else:
                 raise ValueError(f"encoder weight {key}: source shape {tuple(value.shape)} != target {tuple(want)}")
