@@ -19,6 +19,7 @@ from typing import Any
 __all__ = [
     "ABLATIONS",
     "FINETUNE_PRESETS",
+    "LOG_BACKENDS",
     "METHODS",
     "PRESETS",
     "FinetuneConfig",
@@ -35,6 +36,10 @@ __all__ = [
 METHODS = ("anatomask", "spark")
 SIZES = ("tiny", "S", "B", "L", "H")
 AMP = ("auto", "bf16", "fp16", "fp32")
+LOG_BACKENDS = ("none", "tensorboard", "wandb")
+_LOG_HELP = ("mirror metrics.jsonl (which stays the record) to TensorBoard (<out>/tensorboard) or Weights & Biases "
+             "(<out>/wandb; needs the wandb package); under torchrun write --log-to (torchrun takes --log for an "
+             "abbreviation of its own flags)")
 
 
 def _f(default: Any = dataclasses.MISSING, help: str = "", choices: tuple | None = None, flag: str | None = None,
@@ -113,6 +118,7 @@ class PretrainConfig:
     log_every: int = _f(10, "log (and synchronise with the device) every N steps")
     seed: int = _f(0, "seeds weights, data order and masks")
     quiet: bool = _f(False, "no progress bars")
+    log: str = _f("none", _LOG_HELP, choices=LOG_BACKENDS, flag="log_to")
 
     def __post_init__(self) -> None:
         _check_common(self)
@@ -141,7 +147,11 @@ class FinetuneConfig:
     out_dir: str = _f("runs/finetune", "run folder (config, metrics.jsonl, init_report.json, checkpoints)",
                       flag="out")
     size: str = _f("B", "STU-Net size", choices=SIZES)
-    init: str = _f("scratch", "'scratch', a pretraining run folder / checkpoint, or an exported encoder")
+    init: str = _f("scratch", "'scratch', a pretraining run folder / checkpoint, an exported encoder, or STU-Net "
+                   "weights (.model/.pth with 'state_dict' or 'network_weights'; docs/weights.md)")
+    init_axes: str = _f("auto", "axis order of the --init kernels: auto (as the file records; else STU-Net files "
+                        "are nnU-Net's file order z,y,x and are transposed, the kit's own are x,y,z), stunet, kit",
+                        choices=("auto", "stunet", "kit"))
     patch_size: tuple[int, int, int] = _f((128, 128, 128), "training crop in voxels, multiples of 32 (the network "
                                           "downsamples by 32; STU-Net's plans use 128^3)")
     labelled_cases: int | None = _f(None, "finetune on N labelled training cases drawn with the seed (the low-label "
@@ -169,6 +179,7 @@ class FinetuneConfig:
     ckpt_every: int = _f(10, "write the last checkpoint every N epochs (and at the end)")
     seed: int = _f(0, "seeds weights, data order and augmentation")
     quiet: bool = _f(False, "no progress bars")
+    log: str = _f("none", _LOG_HELP, choices=LOG_BACKENDS, flag="log_to")
 
     def __post_init__(self) -> None:
         _check_common(self)

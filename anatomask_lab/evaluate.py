@@ -185,14 +185,14 @@ def evaluate_folders(
     Returns:
         Per-case rows ``{"case", "label", "class", "dsc", "nsd", "tolerance_mm"}`` (see :mod:`anatomask_lab.report`).
     """
-    from tqdm import tqdm
+    from anatomask_lab.progress import progress as progress_bar
 
     convention = convention or _default_convention(tolerances)
     if classes is None and tolerances == "flare22":
         classes = dict(metrics.FLARE22_CLASSES)
     rows, found = [], {}
-    for case, pred_path, gt_path in tqdm(find_cases(pred_dir, gt_dir), desc="evaluate", unit="case",
-                                         disable=not progress):
+    for case, pred_path, gt_path in progress_bar(find_cases(pred_dir, gt_dir), desc="evaluate", unit="case",
+                                                 disable=not progress):
         pred, gt = read_label_map(pred_path), read_label_map(gt_path)
         _check_geometry(pred_path, gt_path, pred, gt)
         try:

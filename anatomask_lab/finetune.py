@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -16,22 +17,22 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from anatomask_lab.augment import random_rotate_scale
+from anatomask_lab.cluster import dist_info
 from anatomask_lab.config import FINETUNE_PRESETS, FinetuneConfig, config_to_dict, finetune_config
 from anatomask_lab.data.dataset import DatasetInfo
 from anatomask_lab.inference import sliding_window_predict
 from anatomask_lab.losses import deep_supervision_loss
 from anatomask_lab.models import build_stunet, load_encoder_weights
+from anatomask_lab.progress import progress
 from anatomask_lab.runs import (
-    MetricsLog,
     RunFolderError,
     check_finite_weights,
     checkpoint_path,
     code_version,
+    encoder_from_state,
     load_checkpoint,
-    load_student_encoder,
     prepare_run_folder,
     resumed_config,
     run_lock,
@@ -41,6 +42,18 @@ from anatomask_lab.runs import (
 )
 from anatomask_lab.runtime import autocast, autocast_dtype, optimizer_step, resolve_device
 from anatomask_lab.schedules import cosine_lr, poly_lr
+from anatomask_lab.stopping import (
+    STOP_EXIT_CODE,
+    RunStopped,
+    SkipSampler,
+    StopRequest,
+    epoch_sums,
+    ignore_stop_signals,
+    stop_run,
+    stop_signals,
+)
+from anatomask_lab.stunet_weights import is_stunet_checkpoint, load_stunet_weights, read_weights_file
+from anatomask_lab.tracking import RunLog, check_backend
 
 __all__ = ["FinetuneConfig", "build_segmenter", "finetune_config", "load_init", "load_segmenter", "run", "train_step"]
 
@@ -52,12 +65,34 @@ def build_segmenter(size: str, in_channels: int, num_classes: int, deep_supervis
     return build_stunet(size, in_channels=in_channels, num_classes=num_classes, deep_supervision=deep_supervision)
 
 
-def load_init(model: nn.Module, init: str) -> dict[str, Any]:
-    """Initialise ``model``'s encoder from ``init``; returns the load report (loaded / missing / unexpected)."""
+def load_init(model: nn.Module, init: str, axes: str = "auto") -> dict[str, Any]:
+    """Initialise ``model`` from ``init``; returns the load report (``docs/weights.md``).
+
+    Args:
+        model: the kit's STUNet.
+        init: ``"scratch"``; a pretraining run folder, checkpoint or export (the encoder is loaded; report keys
+            relative to the encoder); or STU-Net weights, an nnU-Net-style file with ``state_dict`` /
+            ``network_weights`` (everything but the segmentation heads is loaded, as STU-Net's finetuning does;
+            report keys of the whole network, see :class:`anatomask_lab.stunet_weights.StunetLoadReport`).
+        axes: the axis order of the file's kernels: ``"auto"``, ``"stunet"`` (z, y, x: transposed) or ``"kit"``.
+
+    Raises:
+        ValueError: an unreadable or foreign file, or weights of another architecture (one line naming the file).
+    """
     if init == "scratch":
         return {"init": "scratch", "loaded": [], "missing": [], "unexpected": []}
-    report = dataclasses.asdict(load_encoder_weights(model, load_student_encoder(init)))
-    return {"init": str(init), **{k: list(v) for k, v in report.items()}}
+    file = checkpoint_path(init)
+    state = read_weights_file(file)
+    if is_stunet_checkpoint(state):
+        report = dataclasses.asdict(load_stunet_weights(model, state, file, axes))
+        return {"init": str(init), "naming": "stunet", **{k: v if isinstance(v, str) else list(v)
+                                                          for k, v in report.items()}}
+    encoder = encoder_from_state(state, file, axes)
+    try:
+        report = dataclasses.asdict(load_encoder_weights(model, encoder))
+    except ValueError as exc:
+        raise ValueError(f"{file}: {exc}") from None
+    return {"init": str(init), "naming": "anatomask", **{k: list(v) for k, v in report.items()}}
 
 
 def make_optimizer(model: nn.Module, cfg: FinetuneConfig) -> torch.optim.Optimizer:
@@ -109,13 +144,21 @@ def run(cfg: FinetuneConfig | None = None, *, resume: bool | str = False, overwr
     ``resume`` and ``overwrite`` follow the run-folder rules of :func:`anatomask_lab.pretrain.run`
     (:func:`anatomask_lab.runs.prepare_run_folder`); the folder is locked while the run writes it.
 
+    SIGTERM or SIGUSR1 stop the run after the current step with a checkpoint that ``resume`` continues exactly
+    (:mod:`anatomask_lab.stopping`); finetuning runs in one process (:func:`anatomask_lab.cluster.dist_info`).
+
     Raises:
         RunFolderError: the folder is refused or locked, or ``out_dir`` is the ``init`` it reads.
+        LaunchError: started as several processes (SLURM tasks or torchrun).
         FloatingPointError: a non-finite loss or non-finite weights; no checkpoint is written.
+        RunStopped: a stop signal arrived; the checkpoint is written.
     """
     out = Path(cfg.out_dir if cfg is not None else overrides.get("out_dir", "runs/finetune"))
-    if cfg is not None and resume is not True:
-        _check_init_not_out(cfg.init, out)
+    dist_info("finetune", distributed=False)
+    if cfg is not None:
+        check_backend(cfg.log)
+        if resume is not True:
+            _check_init_not_out(cfg.init, out)
     with run_lock(out):
         state = prepare_run_folder(out, resume, overwrite)
         if state is not None:
@@ -124,7 +167,9 @@ def run(cfg: FinetuneConfig | None = None, *, resume: bool | str = False, overwr
                 return out
         elif cfg is None:
             cfg = finetune_config(**overrides)
-        return _train(cfg, state, out)
+        check_backend(cfg.log)
+        with stop_signals() as stop:
+            return _train(cfg, state, out, stop)
 
 
 def _check_init_not_out(init: str, out: Path) -> None:
@@ -137,7 +182,7 @@ def _check_init_not_out(init: str, out: Path) -> None:
                              "folder")
 
 
-def _train(cfg: FinetuneConfig, state: dict[str, Any] | None, out: Path) -> Path:
+def _train(cfg: FinetuneConfig, state: dict[str, Any] | None, out: Path, stop: StopRequest) -> Path:
     from anatomask_lab.data.sampler import PatchDataset
 
     device = resolve_device(cfg.device)
@@ -149,59 +194,89 @@ def _train(cfg: FinetuneConfig, state: dict[str, Any] | None, out: Path) -> Path
     optimizer = make_optimizer(model, cfg)
     amp_dtype = autocast_dtype(cfg.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    start_epoch, step, best = 0, 0, -math.inf
+    start_epoch, step, best, partial = 0, 0, -math.inf, None
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
-        start_epoch, step, best = state["epoch"], state["step"], state["best_dice"]
-        torch.set_rng_state(state["torch_rng"])
+        start_epoch, step, best, partial = state["epoch"], state["step"], state["best_dice"], state.get("partial")
+        if partial is None:  # mid-epoch: restored once the loader has drawn its seed, as the stopped run had
+            torch.set_rng_state(state["torch_rng"])
     else:
         _start_run(out, cfg, model)
-    log = MetricsLog(out / "metrics.jsonl")
 
     dataset = PatchDataset(cfg.data_dir, cases=training_cases(info, cfg), patch_size=cfg.patch_size,
                            with_label=True, fg_oversample=cfg.fg_oversample, flips=cfg.flips, seed=cfg.seed,
                            samples_per_epoch=cfg.iters_per_epoch * cfg.batch_size)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False, drop_last=True,
-                                         num_workers=cfg.workers, persistent_workers=False)
-    total_steps = cfg.epochs * cfg.iters_per_epoch
-    for epoch in tqdm(range(start_epoch, cfg.epochs), desc="finetune", disable=cfg.quiet, initial=start_epoch,
-                      total=cfg.epochs, unit="epoch"):
-        dataset.set_epoch(epoch)
-        model.train()
-        t0, loss_sum = time.perf_counter(), torch.zeros((), device=device)
-        for batch in tqdm(loader, total=cfg.iters_per_epoch, leave=False, disable=cfg.quiet, desc=f"epoch {epoch}"):
-            x = batch["image"].to(device, non_blocking=True)
-            y = batch["label"].to(device, non_blocking=True)
-            if cfg.rotate_scale_p > 0:
-                x, y = random_rotate_scale(x, y, p=cfg.rotate_scale_p)
-            lr = learning_rate(cfg, step, total_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum += train_step(model, optimizer, scaler, x, y, cfg, amp_dtype=amp_dtype)
-            step += 1
-        epoch_loss = float(loss_sum) / cfg.iters_per_epoch  # one host sync per epoch
-        if not math.isfinite(epoch_loss):
-            raise FloatingPointError(f"non-finite finetuning loss in epoch {epoch}; " + stopped_note(out))
-        record: dict[str, Any] = {"type": "epoch", "epoch": epoch, "step": step, "loss": epoch_loss, "lr": lr,
-                                  "seconds": time.perf_counter() - t0}
-        is_val = (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs
-        saves_last = (epoch + 1) % cfg.ckpt_every == 0 or epoch + 1 == cfg.epochs
-        if saves_last or is_val:  # a checkpoint may follow: its weights must be finite
-            check_finite_weights({"model": model}, out, epoch)
-        if is_val:
-            record["val_dice"] = validation_dice(model, cfg, info, device, amp_dtype)
-        log.write(**record)
-        ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                "epoch": epoch + 1, "step": step, "best_dice": best, "torch_rng": torch.get_rng_state(),
-                "config": config_to_dict(cfg), "num_classes": num_classes, "in_channels": in_channels}
-        if is_val and record["val_dice"] > best:
-            best = ckpt["best_dice"] = record["val_dice"]
-            save_checkpoint(checkpoint_path(out, "best"), ckpt)
-        if saves_last:
-            save_checkpoint(checkpoint_path(out), ckpt)
+    sampler = SkipSampler(range(len(dataset)))
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, sampler=sampler, drop_last=True,
+                                         num_workers=cfg.workers, persistent_workers=False,
+                                         worker_init_fn=ignore_stop_signals)
+    extra = {"config": config_to_dict(cfg), "num_classes": num_classes, "in_channels": in_channels}
+
+    def checkpoint(epoch: int, part: dict[str, Any] | None = None) -> dict[str, Any]:
+        return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                "epoch": epoch, "step": step, "best_dice": best, "torch_rng": torch.get_rng_state(),
+                "partial": part, **extra}
+
+    with RunLog(out, cfg.log, resume_step=None if state is None else step, config=extra["config"]) as log:
+        for epoch in progress(range(start_epoch, cfg.epochs), desc="finetune", disable=cfg.quiet,
+                              initial=start_epoch, total=cfg.epochs, unit="epoch"):
+            dataset.set_epoch(epoch)
+            model.train()
+            done, loss_sum, _, seconds = epoch_sums(partial, device)
+            sampler.skip = done * cfg.batch_size
+            batches = iter(loader)
+            if partial is not None:
+                torch.set_rng_state(state["torch_rng"])
+            partial, t0 = None, time.perf_counter()
+            loss_sum = torch.zeros((), device=device) if loss_sum is None else loss_sum
+            for i, batch in enumerate(progress(batches, total=cfg.iters_per_epoch, initial=done, leave=False,
+                                               disable=cfg.quiet, desc=f"epoch {epoch}"), start=done):
+                x = batch["image"].to(device, non_blocking=True)
+                y = batch["label"].to(device, non_blocking=True)
+                if cfg.rotate_scale_p > 0:
+                    x, y = random_rotate_scale(x, y, p=cfg.rotate_scale_p)
+                lr = learning_rate(cfg, step, cfg.epochs * cfg.iters_per_epoch)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                loss_sum += train_step(model, optimizer, scaler, x, y, cfg, amp_dtype=amp_dtype)
+                step += 1
+                if i < cfg.iters_per_epoch - 1 and (signum := stop.agreed()):  # the last step ends the epoch
+                    _check_loss(float(loss_sum), epoch, out)
+                    check_finite_weights({"model": model}, out, epoch)
+                    save_checkpoint(checkpoint_path(out), checkpoint(epoch, {
+                        "done": i + 1, "loss_sum": float(loss_sum), "teacher_loss_sum": None,
+                        "seconds": seconds + time.perf_counter() - t0}))
+                    stop_run(out, signum, epoch, step, f"in epoch {epoch}, {i + 1} of {cfg.iters_per_epoch} "
+                             "steps done")
+            epoch_loss = float(loss_sum) / cfg.iters_per_epoch  # one host sync per epoch
+            _check_loss(epoch_loss, epoch, out)
+            record: dict[str, Any] = {"type": "epoch", "epoch": epoch, "step": step, "loss": epoch_loss, "lr": lr,
+                                      "seconds": seconds + time.perf_counter() - t0}
+            is_val = (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs
+            if is_val:  # the best checkpoint may follow: its weights must be finite
+                check_finite_weights({"model": model}, out, epoch)
+                record["val_dice"] = validation_dice(model, cfg, info, device, amp_dtype)
+            log.write(**record)
+            signum = stop.agreed() if epoch + 1 < cfg.epochs else 0  # the last epoch just ends
+            saves_last = (epoch + 1) % cfg.ckpt_every == 0 or epoch + 1 == cfg.epochs or bool(signum)
+            if saves_last and not is_val:
+                check_finite_weights({"model": model}, out, epoch)
+            ckpt = checkpoint(epoch + 1)
+            if is_val and record["val_dice"] > best:
+                best = ckpt["best_dice"] = record["val_dice"]
+                save_checkpoint(checkpoint_path(out, "best"), ckpt)
+            if saves_last:
+                save_checkpoint(checkpoint_path(out), ckpt)
+            if signum:
+                stop_run(out, signum, epoch + 1, step, f"at the end of epoch {epoch}")
     return out
+
+
+def _check_loss(loss: float, epoch: int, out: Path) -> None:
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"non-finite finetuning loss in epoch {epoch}; " + stopped_note(out))
 
 
 def training_cases(info: DatasetInfo, cfg: FinetuneConfig) -> list[str]:
@@ -222,12 +297,16 @@ def training_cases(info: DatasetInfo, cfg: FinetuneConfig) -> list[str]:
 
 
 def _start_run(out: Path, cfg: FinetuneConfig, model: nn.Module) -> None:
-    """Initialise the encoder and write the new run folder's config, version and load report."""
-    report = load_init(model, cfg.init)
+    """Initialise the encoder and write the new run folder's config, version, load report and the dataset's
+    preprocessing recipe (``preprocessing.json``, read by ``predict --images``)."""
+    from anatomask_lab.data.recipe import write_run_recipe
+
+    report = load_init(model, cfg.init, cfg.init_axes)
     checkpoint_path(out).parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "config.json", config_to_dict(cfg))
     write_json_atomic(out / "version.json", code_version())
     write_json_atomic(out / "init_report.json", report)
+    write_run_recipe(out, cfg.data_dir)
     if not cfg.quiet and cfg.init != "scratch":
         print(f"encoder init from {cfg.init}: {len(report['loaded'])} tensors loaded, "
               f"{len(report['missing'])} missing, {len(report['unexpected'])} unexpected")
@@ -300,7 +379,11 @@ def _cli(args) -> int:
     def build() -> FinetuneConfig:
         return finetune_config(args.preset or "B", **overrides_from_args(args, FinetuneConfig))
 
-    out = run_from_cli(args, FinetuneConfig, build, run, "finetune")
+    try:
+        out = run_from_cli(args, FinetuneConfig, build, run, "finetune")
+    except RunStopped as stopped:
+        print(f"anatomask-lab finetune: {stopped}", file=sys.stderr)
+        return STOP_EXIT_CODE
     if out is not None:
         print(f"run folder: {out}")
     return 0

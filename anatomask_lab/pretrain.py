@@ -8,13 +8,14 @@ One code path serves every method and ablation of the paper:
 * ``spark``: random masking only; no teacher exists, so the baseline pays for no extra forward pass.
 * ablations: a frozen random teacher, ``order="low"``, hard-to-easy dynamics, other gammas, the simple decoder.
 
-Distributed runs use torchrun + DistributedDataParallel (NCCL on GPUs, Gloo on CPUs); only rank 0 writes.
+Distributed runs use torchrun + DistributedDataParallel (NCCL on GPUs, Gloo on CPUs); only rank 0 writes, and the
+logged losses are means over ranks. SIGTERM / SIGUSR1 stop a run after a step, resumably (``anatomask_lab.stopping``).
 """
 
 from __future__ import annotations
 
 import math
-import os
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,14 +25,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
-from tqdm.auto import tqdm
 
+from anatomask_lab.cluster import check_same_weights, dist_info, gather_across_ranks, mean_over_ranks
 from anatomask_lab.config import PretrainConfig, config_to_dict, pretrain_config
 from anatomask_lab.ema import make_teacher, momentum_at, update_momentum
 from anatomask_lab.masking import anatomask_mask, anatomical_ratio, mask_counts, random_mask
 from anatomask_lab.models import MIMModel, build_mim, mim_loss
+from anatomask_lab.progress import progress
 from anatomask_lab.runs import (
-    MetricsLog,
     check_finite_weights,
     checkpoint_path,
     code_version,
@@ -44,6 +45,18 @@ from anatomask_lab.runs import (
 )
 from anatomask_lab.runtime import autocast, autocast_dtype, optimizer_step, resolve_device
 from anatomask_lab.schedules import warmup_cosine_lr
+from anatomask_lab.stopping import (
+    STOP_EXIT_CODE,
+    RunStopped,
+    SkipSampler,
+    StopRequest,
+    epoch_sums,
+    ignore_stop_signals,
+    stop_group,
+    stop_run,
+    stop_signals,
+)
+from anatomask_lab.tracking import RunLog, check_backend
 
 __all__ = ["StepResult", "build_models", "make_optimizer", "mim_step", "run", "teacher_patch_loss", "train_step"]
 
@@ -179,6 +192,7 @@ def make_optimizer(student: nn.Module, cfg: PretrainConfig) -> torch.optim.Optim
 
 
 def _make_loader(cfg: PretrainConfig, world: int, rank: int):
+    """The training loader; its sampler (a :class:`SkipSampler`) can skip the batches a stopped run already took."""
     from anatomask_lab.data.sampler import PatchDataset
 
     probe = PatchDataset(cfg.data_dir, split="train", patch_size=cfg.patch_size, seed=cfg.seed)
@@ -191,11 +205,12 @@ def _make_loader(cfg: PretrainConfig, world: int, rank: int):
         seed=cfg.seed,
         samples_per_epoch=iters * cfg.batch_size * world,
     )
-    sampler = None
+    base: Any = range(len(dataset))
     if world > 1:
-        sampler = torch.utils.data.distributed.DistributedSampler(
+        base = torch.utils.data.distributed.DistributedSampler(
             dataset, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True
         )
+    sampler = SkipSampler(base)
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=cfg.batch_size,
@@ -205,14 +220,9 @@ def _make_loader(cfg: PretrainConfig, world: int, rank: int):
         drop_last=True,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=False,
+        worker_init_fn=ignore_stop_signals,
     )
     return dataset, sampler, loader, iters
-
-
-def _dist_info() -> tuple[int, int, int]:
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
-    return 0, 1, 0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -227,14 +237,19 @@ def run(cfg: PretrainConfig | None = None, *, resume: bool | str = False, overwr
     lock (:func:`anatomask_lab.runs.run_lock`). A folder that already holds a run is refused unless
     ``overwrite=True`` (replace it) or ``resume`` is given: ``True`` continues from its checkpoint with the stored
     configuration, ``"auto"`` does so when there is a checkpoint and starts otherwise
-    (:func:`anatomask_lab.runs.prepare_run_folder`).
+    (:func:`anatomask_lab.runs.prepare_run_folder`). SIGTERM or SIGUSR1 stop the run after the current step with a
+    checkpoint that ``resume`` continues exactly (:mod:`anatomask_lab.stopping`).
 
     Raises:
         RunFolderError: the folder is refused (see above) or locked by another process.
+        LaunchError: several SLURM tasks without torchrun (:func:`anatomask_lab.cluster.dist_info`).
         FloatingPointError: a non-finite loss or non-finite weights; no checkpoint is written.
+        RunStopped: a stop signal arrived; the checkpoint is written.
     """
     out = Path(cfg.out_dir if cfg is not None else overrides.get("out_dir", "runs/pretrain"))
-    rank, world, local_rank = _dist_info()
+    rank, world, local_rank = dist_info("pretrain")
+    if cfg is not None:
+        check_backend(cfg.log)
     with run_lock(out, enabled=rank == 0):
         state = prepare_run_folder(out, resume, overwrite, main=rank == 0)
         if state is not None:
@@ -243,6 +258,7 @@ def run(cfg: PretrainConfig | None = None, *, resume: bool | str = False, overwr
                 return out
         elif cfg is None:
             cfg = pretrain_config(**overrides)
+        check_backend(cfg.log)
 
         device = resolve_device(cfg.device, local_rank)
         if world > 1 and not dist.is_initialized():
@@ -250,7 +266,8 @@ def run(cfg: PretrainConfig | None = None, *, resume: bool | str = False, overwr
         if device.type == "cuda":
             torch.cuda.set_device(device)
         try:
-            return _train(cfg, state, out, device, rank, world)
+            with stop_signals() as stop:
+                return _train(cfg, state, out, device, rank, world, stop)
         finally:
             if world > 1 and dist.is_initialized():
                 dist.destroy_process_group()
@@ -258,7 +275,7 @@ def run(cfg: PretrainConfig | None = None, *, resume: bool | str = False, overwr
 
 @dataclass
 class _Run:
-    """What the loop carries: models, optimiser state, data, counters."""
+    """What the loop carries: models, optimiser state, data, counters, the stop request."""
 
     cfg: PretrainConfig
     out: Path
@@ -273,8 +290,11 @@ class _Run:
     world: int
     iters: int
     n_patches: int
+    stop: StopRequest
+    stop_group: Any = None
     epoch: int = 0
     step: int = 0
+    partial: dict[str, Any] | None = None  # the running sums of an epoch a stopped run was in
 
     @property
     def is_main(self) -> bool:
@@ -285,7 +305,7 @@ class _Run:
         return self.cfg.teacher == "ema" and self.teacher is not None
 
 
-def _setup(cfg: PretrainConfig, state: dict | None, out: Path, device, rank: int, world: int):
+def _setup(cfg: PretrainConfig, state: dict | None, out: Path, device, rank: int, world: int, stop: StopRequest):
     student, teacher = build_models(cfg, device)
     optimizer = make_optimizer(student, cfg)
     amp_dtype = autocast_dtype(cfg.amp, device)
@@ -293,14 +313,15 @@ def _setup(cfg: PretrainConfig, state: dict | None, out: Path, device, rank: int
     generator = torch.Generator(device=device).manual_seed(cfg.seed * 1000 + rank)
     dataset, sampler, loader, iters = _make_loader(cfg, world, rank)
     r = _Run(cfg, out, student, teacher, DistributedDataParallel(student) if world > 1 else student, optimizer,
-             scaler, generator, amp_dtype, rank, world, iters, math.prod(student.grid(cfg.patch_size)))
+             scaler, generator, amp_dtype, rank, world, iters, math.prod(student.grid(cfg.patch_size)), stop,
+             stop_group(world))
     if state is not None:
         student.load_state_dict(state["student"])
         if teacher is not None and state.get("teacher") is not None:
             teacher.load_state_dict(state["teacher"])
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
-        r.epoch, r.step = state["epoch"], state["step"]
+        r.epoch, r.step, r.partial = state["epoch"], state["step"], state.get("partial")
         if rank < len(state["mask_rng"]):
             generator.set_state(state["mask_rng"][rank])
         torch.set_rng_state(state["torch_rng"])
@@ -311,39 +332,44 @@ def _setup(cfg: PretrainConfig, state: dict | None, out: Path, device, rank: int
     return r, dataset, sampler, loader
 
 
-def _train(cfg: PretrainConfig, state: dict | None, out: Path, device, rank: int, world: int) -> Path:
-    r, dataset, sampler, loader = _setup(cfg, state, out, device, rank, world)
-    log = MetricsLog(out / "metrics.jsonl", enabled=r.is_main)
-    epoch_bar = tqdm(range(r.epoch, cfg.epochs), desc=f"pretrain {cfg.method}", disable=cfg.quiet or not r.is_main,
-                     initial=r.epoch, total=cfg.epochs, unit="epoch")
-    for epoch in epoch_bar:
-        dataset.set_epoch(epoch)
-        if sampler is not None:
+def _train(cfg: PretrainConfig, state: dict | None, out: Path, device, rank: int, world: int,
+           stop: StopRequest) -> Path:
+    r, dataset, sampler, loader = _setup(cfg, state, out, device, rank, world, stop)
+    with RunLog(out, cfg.log, enabled=r.is_main, resume_step=None if state is None else r.step,
+                config=config_to_dict(cfg)) as log:
+        epoch_bar = progress(range(r.epoch, cfg.epochs), desc=f"pretrain {cfg.method}", initial=r.epoch,
+                             disable=cfg.quiet or not r.is_main, total=cfg.epochs, unit="epoch")
+        for epoch in epoch_bar:
+            dataset.set_epoch(epoch)
             sampler.set_epoch(epoch)
-        record = _run_epoch(r, loader, epoch, device, log)
-        log.write(**record)
-        epoch_bar.set_postfix(loss=f"{record['loss']:.4f}", r_t=f"{record['r_t']:.3f}")
-        r.epoch = epoch + 1
-        if r.epoch % cfg.ckpt_every == 0 or r.epoch == cfg.epochs:
-            check_finite_weights({"student": r.student, "teacher": r.teacher}, r.out, epoch)
-            mask_rng = _gather_rng(r.generator, world)  # every rank takes part
-            if r.is_main:
-                save_checkpoint(checkpoint_path(out), _state(r, mask_rng))
+            record = _run_epoch(r, loader, sampler, epoch, device, log)
+            log.write(**record)
+            epoch_bar.set_postfix(loss=f"{record['loss']:.4f}", r_t=f"{record['r_t']:.3f}")
+            r.epoch = epoch + 1
+            signum = r.stop.agreed(r.stop_group) if r.epoch < cfg.epochs else 0  # the last epoch just ends
+            if r.epoch % cfg.ckpt_every == 0 or r.epoch == cfg.epochs or signum:
+                _save(r)
+            if signum:
+                stop_run(r.out, signum, r.epoch, r.step, f"at the end of epoch {epoch}", r.is_main, r.stop_group)
     if world > 1 and r.teacher is not None:
-        _assert_teacher_consistent(r.teacher)
+        check_same_weights(r.teacher, "teachers")
     return out
 
 
-def _run_epoch(r: _Run, loader, epoch: int, device, log: MetricsLog) -> dict[str, Any]:
-    """One epoch of steps; logs every ``log_every`` steps (the loop's only host syncs) and returns the epoch record."""
+def _run_epoch(r: _Run, loader, sampler: SkipSampler, epoch: int, device, log: RunLog) -> dict[str, Any]:
+    """One epoch of steps (or the rest of one, after a stop); logs every ``log_every`` steps (the loop's only host
+    syncs besides the stop check under DDP) and returns the epoch record."""
     cfg = r.cfg
     total_steps = cfg.epochs * r.iters
     r.student.train()
-    t_epoch, loss_sum, t_loss_sum, finite = time.perf_counter(), None, None, None
-    it_bar = tqdm(loader, total=r.iters, leave=False, desc=f"epoch {epoch}", disable=cfg.quiet or not r.is_main,
-                  unit="it")
-    t_log, n_log = time.perf_counter(), 0
-    for i, batch in enumerate(it_bar):
+    done, loss_sum, t_loss_sum, seconds = epoch_sums(r.partial, device)
+    r.partial, finite = None, None
+    sampler.skip = done * cfg.batch_size
+    t_epoch = t_log = time.perf_counter()
+    n_log = 0
+    it_bar = progress(loader, total=r.iters, initial=done, leave=False, desc=f"epoch {epoch}", unit="it",
+                      disable=cfg.quiet or not r.is_main)
+    for i, batch in enumerate(it_bar, start=done):
         x = batch["image"].to(device, non_blocking=True)
         t_frac = epoch + (i / r.iters if cfg.masking.per_iteration else 0.0)
         r_t = anatomical_ratio(t_frac, cfg.epochs, cfg.masking.r0, cfg.masking.rT, schedule=cfg.masking.rt_schedule)
@@ -363,19 +389,27 @@ def _run_epoch(r: _Run, loader, epoch: int, device, log: MetricsLog) -> dict[str
             t_loss_sum = t_d if t_loss_sum is None else t_loss_sum + t_d
         if r.step % cfg.log_every == 0 or i == r.iters - 1:  # the only host syncs of the loop
             _check_finite(finite, epoch, r.step, r.out)
+            loss, t_loss = mean_over_ranks([loss_d, res.teacher_loss], r.world)
             elapsed = time.perf_counter() - t_log
-            rec = dict(type="step", epoch=epoch, step=r.step, loss=float(loss_d),
-                       teacher_loss=None if res.teacher_loss is None else float(res.teacher_loss), r_t=r_t,
+            rec = dict(type="step", epoch=epoch, step=r.step, loss=loss, teacher_loss=t_loss, r_t=r_t,
                        n_top=mask_counts(r.n_patches, cfg.masking.gamma, r_t)[1] if r.teacher is not None else 0,
                        n_masked=mask_counts(r.n_patches, cfg.masking.gamma)[0], lr=lr,
                        momentum=m if r.ema else None, samples_per_s=n_log * r.world / max(elapsed, 1e-9))
             log.write(**rec)
-            it_bar.set_postfix(loss=f"{rec['loss']:.4f}", r_t=f"{r_t:.3f}", lr=f"{lr:.2e}")
+            it_bar.set_postfix(loss=f"{loss:.4f}", r_t=f"{r_t:.3f}", lr=f"{lr:.2e}")
             t_log, n_log = time.perf_counter(), 0
+        if i < r.iters - 1 and (signum := r.stop.agreed(r.stop_group)):  # the epoch's last step ends it first
+            _check_finite(finite, epoch, r.step, r.out)
+            sums = mean_over_ranks([loss_sum, t_loss_sum], r.world)
+            _save(r, {"done": i + 1, "loss_sum": sums[0], "teacher_loss_sum": sums[1],
+                      "seconds": seconds + time.perf_counter() - t_epoch})
+            stop_run(r.out, signum, r.epoch, r.step, f"in epoch {epoch}, {i + 1} of {r.iters} steps done",
+                     r.is_main, r.stop_group)
     _check_finite(finite, epoch, r.step, r.out)
-    return dict(type="epoch", epoch=epoch, step=r.step, loss=float(loss_sum) / r.iters,
-                teacher_loss=None if t_loss_sum is None else float(t_loss_sum) / r.iters, r_t=r_t, lr=lr,
-                seconds=time.perf_counter() - t_epoch)
+    loss, t_loss = mean_over_ranks([loss_sum, t_loss_sum], r.world)
+    return dict(type="epoch", epoch=epoch, step=r.step, loss=loss / r.iters,
+                teacher_loss=None if t_loss is None else t_loss / r.iters, r_t=r_t, lr=lr,
+                seconds=seconds + time.perf_counter() - t_epoch)
 
 
 def _check_finite(finite: torch.Tensor | None, epoch: int, step: int, out: Path) -> None:
@@ -383,17 +417,15 @@ def _check_finite(finite: torch.Tensor | None, epoch: int, step: int, out: Path)
         raise FloatingPointError(f"non-finite loss in epoch {epoch} (by step {step}); " + stopped_note(out))
 
 
-def _gather_rng(generator: torch.Generator, world: int) -> list[torch.Tensor]:
-    """Every rank's mask-generator state (all ranks must call this)."""
-    own = generator.get_state().cpu()
-    if world == 1:
-        return [own]
-    gathered: list[Any] = [None] * world
-    dist.all_gather_object(gathered, own)
-    return gathered
+def _save(r: _Run, partial: dict[str, Any] | None = None) -> None:
+    """Check the weights, gather every rank's mask-generator state and write the checkpoint (all ranks call)."""
+    check_finite_weights({"student": r.student, "teacher": r.teacher}, r.out, r.epoch)
+    mask_rng = gather_across_ranks(r.generator.get_state(), r.world)
+    if r.is_main:
+        save_checkpoint(checkpoint_path(r.out), _state(r, mask_rng, partial))
 
 
-def _state(r: _Run, mask_rng: list[torch.Tensor]) -> dict[str, Any]:
+def _state(r: _Run, mask_rng: list[torch.Tensor], partial: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
         "student": r.student.state_dict(),
         "teacher": None if r.teacher is None else r.teacher.state_dict(),
@@ -401,18 +433,11 @@ def _state(r: _Run, mask_rng: list[torch.Tensor]) -> dict[str, Any]:
         "scaler": r.scaler.state_dict(),
         "epoch": r.epoch,
         "step": r.step,
+        "partial": partial,
         "mask_rng": mask_rng,
         "torch_rng": torch.get_rng_state(),
         "config": config_to_dict(r.cfg),
     }
-
-
-def _assert_teacher_consistent(teacher: nn.Module) -> None:
-    checksum = torch.stack([p.detach().double().sum() for p in teacher.parameters()]).sum().reshape(1).cpu()
-    gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, checksum)
-    if not all(torch.equal(g, gathered[0]) for g in gathered):
-        raise RuntimeError(f"teachers diverged across ranks: {[float(g) for g in gathered]}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -425,7 +450,9 @@ def add_cli(subparsers) -> None:
     p = subparsers.add_parser(
         "pretrain", help="pretrain a sparse STU-Net encoder with AnatoMask or SparK",
         description="Pretrain with AnatoMask (EMA teacher, reconstruction-guided masks) or SparK (random masks). "
-        "Multi-GPU: torchrun --nproc_per_node N -m anatomask_lab.cli pretrain ...",
+        "Multi-GPU: torchrun --nproc_per_node N -m anatomask_lab.cli pretrain ... (clusters: docs/cluster.md). "
+        f"SIGTERM or SIGUSR1 stop the run after the current step with a checkpoint (exit code {STOP_EXIT_CODE}); "
+        "--resume continues it.",
     )
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="model size and recipe (default: B)")
     p.add_argument("--ablation", choices=sorted(ABLATIONS), default=None,
@@ -442,8 +469,13 @@ def _cli(args) -> int:
     def build() -> PretrainConfig:
         return pretrain_config(args.preset or "B", args.ablation or "none", **overrides_from_args(args, PretrainConfig))
 
-    main = _dist_info()[0] == 0
-    out = run_from_cli(args, PretrainConfig, build, run, "pretrain", main)
+    main = dist_info("pretrain")[0] == 0
+    try:
+        out = run_from_cli(args, PretrainConfig, build, run, "pretrain", main)
+    except RunStopped as stopped:
+        if main:
+            print(f"anatomask-lab pretrain: {stopped}", file=sys.stderr)
+        return STOP_EXIT_CODE
     if out is not None and main:
         print(f"run folder: {out}")
     return 0

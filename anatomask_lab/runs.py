@@ -31,11 +31,19 @@ from anatomask_lab import __version__
 from anatomask_lab.atomic import TMP_GLOB, atomic_write, atomic_write_json
 from anatomask_lab.config import config_from_dict
 from anatomask_lab.config_args import flat_values
+from anatomask_lab.stunet_weights import (
+    convert_axes,
+    is_stunet_checkpoint,
+    read_weights_file,
+    resolve_axes,
+    stunet_encoder,
+)
 
 __all__ = [
     "CHECKPOINT_DIR",
     "LOCK_FILE",
     "RUN_FILES",
+    "STOP_FILE",
     "RunFolderError",
     "check_finite_weights",
     "check_out_folder",
@@ -61,8 +69,10 @@ __all__ = [
 ]
 
 CHECKPOINT_DIR = "checkpoints"
+STOP_FILE = "stopped.json"  # written when a run stops on a signal (anatomask_lab.stopping), removed when it goes on
 RUN_FILES = ("config.json", "metrics.jsonl", CHECKPOINT_DIR)  # any of them: the folder holds a run
-_KIT_FILES = (*RUN_FILES, "version.json", "init_report.json")  # what --overwrite removes (nothing else)
+# what --overwrite removes (nothing else): the run files, and what anatomask_lab.tracking and stopping write
+_KIT_FILES = (*RUN_FILES, "version.json", "init_report.json", STOP_FILE, "tensorboard", "wandb", "wandb.json")
 LOCK_FILE = ".lock"
 
 
@@ -159,28 +169,44 @@ def is_finished(run: str | Path) -> bool:
     return int(state["epoch"]) >= int(state["config"]["epochs"])
 
 
-def load_student_encoder(path: str | Path) -> dict[str, torch.Tensor]:
-    """Encoder weights (keys as in ``STUNet.encoder``) of a pretraining run folder, checkpoint or export.
+def load_student_encoder(path: str | Path, axes: str = "auto") -> dict[str, torch.Tensor]:
+    """Encoder weights (keys as in ``STUNet.encoder``, kernels in the kit's axis order) of a pretraining run folder,
+    checkpoint, export, or STU-Net / nnU-Net checkpoint.
 
     Args:
-        path: a pretraining run folder or its checkpoint (the student's ``encoder.*`` entries are taken), or a file
-            written by ``anatomask-lab export`` (its ``encoder`` entry).
+        path: a pretraining run folder or its checkpoint (the student's ``encoder.*`` entries are taken), a file
+            written by ``anatomask-lab export`` (its ``encoder`` entry, or with ``--naming stunet`` its
+            ``conv_blocks_context.*`` weights), or an STU-Net ``.model`` / ``.pth`` file (``state_dict`` or
+            ``network_weights``). Read with ``weights_only=True`` (see
+            :func:`anatomask_lab.stunet_weights.read_weights_file`).
+        axes: the axis order of the file's kernels, see :func:`encoder_from_state`.
 
     Raises:
-        ValueError: the file is neither.
+        ValueError: the file is none of these.
     """
     file = checkpoint_path(path)
-    return encoder_from_state(load_checkpoint(file), file)
+    return encoder_from_state(read_weights_file(file), file, axes)
 
 
-def encoder_from_state(state: dict[str, Any], source: str | Path = "checkpoint") -> dict[str, torch.Tensor]:
-    """The encoder weights in a loaded pretraining checkpoint or export (see :func:`load_student_encoder`)."""
+def encoder_from_state(state: dict[str, Any], source: str | Path = "checkpoint", axes: str = "auto"
+                       ) -> dict[str, torch.Tensor]:
+    """The encoder weights in a loaded pretraining checkpoint, export or STU-Net checkpoint, in the kit's axis order.
+
+    ``axes`` is the order the kernels are stored in: ``"auto"`` (what the file records; else the kit's (x, y, z)
+    for the kit's own files and nnU-Net's file order (z, y, x) for STU-Net ones), ``"kit"`` or ``"stunet"``
+    (transposed, see :mod:`anatomask_lab.stunet_weights`).
+    """
+    if is_stunet_checkpoint(state):
+        return stunet_encoder(state, source, axes)
     if isinstance(state.get("student"), dict):
         prefix = "encoder."
-        return {k[len(prefix):]: v for k, v in state["student"].items() if k.startswith(prefix)}
-    if isinstance(state.get("encoder"), dict):
-        return state["encoder"]
-    raise ValueError(f"{source}: neither a pretraining checkpoint nor an exported encoder")
+        encoder = {k[len(prefix):]: v for k, v in state["student"].items() if k.startswith(prefix)}
+    elif isinstance(state.get("encoder"), dict):
+        encoder = state["encoder"]
+    else:
+        raise ValueError(f"{source}: neither a pretraining checkpoint nor an exported encoder nor STU-Net weights "
+                         "(no 'student', 'encoder', 'state_dict' or 'network_weights' entry)")
+    return convert_axes(encoder, resolve_axes(state, axes, source, default="kit"), "kit")
 
 
 class MetricsLog:
@@ -279,9 +305,13 @@ def clean_temporaries(out: str | Path) -> list[Path]:
     return stale
 
 
-def truncate_metrics(out: str | Path, epoch: int) -> int:
+def truncate_metrics(out: str | Path, epoch: int, step: int | None = None) -> int:
     """Drop the records of epochs ``>= epoch`` (those after the checkpoint being resumed) and any torn line from
-    ``<out>/metrics.jsonl``, rewriting it atomically; returns the number of lines dropped."""
+    ``<out>/metrics.jsonl``, rewriting it atomically; returns the number of lines dropped.
+
+    ``step``: the checkpoint was written in the middle of epoch ``epoch`` after this many steps (a run stopped on
+    a signal); the step records of that epoch up to ``step`` are kept.
+    """
     path = Path(out) / "metrics.jsonl"
     if not path.is_file():
         return 0
@@ -292,7 +322,10 @@ def truncate_metrics(out: str | Path, epoch: int) -> int:
             record = json.loads(line)
         except json.JSONDecodeError:  # a line torn by a kill
             continue
-        if not (isinstance(record.get("epoch"), int) and record["epoch"] >= epoch):
+        if step is not None and record.get("type") == "step" and isinstance(record.get("step"), int):
+            if record["step"] <= step:
+                keep.append(line)
+        elif not (isinstance(record.get("epoch"), int) and record["epoch"] >= epoch):
             keep.append(line)
     if len(keep) != len(lines):
         atomic_write(path, lambda p: p.write_text("".join(line + "\n" for line in keep)))
@@ -315,10 +348,12 @@ def prepare_run_folder(out: str | Path, resume: bool | str = False, overwrite: b
 
     * a folder holding a run (:func:`holds_run`) is refused unless ``resume`` or ``overwrite`` is given;
     * ``overwrite=True`` removes the old run's files (config, version, metrics, init report, checkpoints) first;
-    * ``resume=True`` loads ``checkpoints/last.pt`` and drops the metrics records after it;
+    * ``resume=True`` loads ``checkpoints/last.pt`` and drops the metrics records after it (a checkpoint written
+      mid-epoch by a run stopped on a signal keeps the step records up to it);
     * ``resume="auto"`` resumes when that checkpoint exists, else starts afresh (replacing a run killed before its
       first checkpoint), for job chains;
-    * temporary checkpoint files left by a kill are removed in every case.
+    * temporary checkpoint files left by a kill, and the note of a run stopped on a signal (``stopped.json``), are
+      removed in every case.
 
     Call it holding :func:`run_lock`. ``main=False`` (DDP ranks > 0) only reads: it returns the same checkpoint
     rank 0 resumes from and changes nothing.
@@ -335,6 +370,7 @@ def prepare_run_folder(out: str | Path, resume: bool | str = False, overwrite: b
     if main:
         check_out_folder(out)
         clean_temporaries(out)
+        (out / STOP_FILE).unlink(missing_ok=True)
     if resume == "auto":
         resume = has_checkpoint(out)
         overwrite = not resume  # a run killed before its first checkpoint starts again
@@ -344,7 +380,7 @@ def prepare_run_folder(out: str | Path, resume: bool | str = False, overwrite: b
                                  "without --resume")
         state = load_checkpoint(checkpoint_path(out))
         if main:
-            truncate_metrics(out, int(state["epoch"]))
+            truncate_metrics(out, int(state["epoch"]), int(state["step"]) if state.get("partial") else None)
         return state
     if main and holds_run(out):
         if not overwrite:

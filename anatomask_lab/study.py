@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from anatomask_lab.atomic import atomic_write, atomic_write_json
+from anatomask_lab.progress import progress as progress_bar
 
 __all__ = ["VARIANTS", "StudyConfig", "run_study"]
 
@@ -213,7 +213,7 @@ def run_study(cfg: StudyConfig, *, command: str = "", data_label: str | None = N
         (reference / ".done").write_text("")
     rows: list[dict] = []
     ranking: dict[str, dict[int, float]] = {"ranking_auc_normalised": {}, "ranking_auc_raw": {}}
-    bar = tqdm(_tasks(cfg), desc="study", unit="cell", disable=not progress)
+    bar = progress_bar(_tasks(cfg), desc="study", unit="cell", disable=not progress)
     for kind, variant, setting, seed in bar:
         bar.set_postfix_str(f"seed {seed} {kind} {variant}" + (f" labels={setting}" if setting else ""))
         if kind == "pretrain":
@@ -308,15 +308,18 @@ def add_cli(subparsers) -> None:
     p.add_argument("--phantom-cases", type=int, default=40, help="cases of the generated phantom cohort "
                    "(default: 40, of which 8 are tested)")
     p.add_argument("--seeds", type=int, default=len(d.seeds), help=f"number of seeds (default: {len(d.seeds)})")
-    p.add_argument("--variants", nargs="+", default=list(d.variants), choices=sorted(VARIANTS),
-                   help=f"(default: {' '.join(d.variants)})")
+    p.add_argument("--variants", nargs="+", default=list(d.variants), choices=sorted(VARIANTS), metavar="VARIANT",
+                   help=f"variants to compare, of {', '.join(sorted(VARIANTS))} (default: {' '.join(d.variants)})")
     p.add_argument("--settings", nargs="+", default=list(d.settings),
                    help=f"label settings: 'all' or a number of labelled cases (default: {' '.join(d.settings)})")
-    for name in ("patch", "pretrain_epochs", "pretrain_iters", "finetune_epochs", "finetune_iters"):
+    for name, text in (("patch", "pretraining patch edge in voxels"), ("pretrain_epochs", "pretraining epochs"),
+                       ("pretrain_iters", "pretraining iterations per epoch"), ("finetune_epochs", "finetuning epochs"),
+                       ("finetune_iters", "finetuning iterations per epoch")):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name),
-                       help=f"(default: {getattr(d, name)})")
-    p.add_argument("--finetune-lr", type=float, default=d.finetune_lr, help=f"(default: {d.finetune_lr})")
-    p.add_argument("--device", default=d.device, help=f"(default: {d.device})")
+                       help=f"{text} (default: {getattr(d, name)})")
+    p.add_argument("--finetune-lr", type=float, default=d.finetune_lr,
+                   help=f"finetuning learning rate (default: {d.finetune_lr})")
+    p.add_argument("--device", default=d.device, help=f"device: cpu, cuda, cuda:N (default: {d.device})")
     p.add_argument("--amp", default=d.amp, choices=["auto", "bf16", "fp16", "fp32"],
                    help=f"precision (default: {d.amp})")
     p.set_defaults(func=_cli)
