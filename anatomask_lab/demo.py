@@ -205,8 +205,10 @@ def _notebooks_to_html(folder: Path, data: Path, runs: Path, quick: bool) -> Non
     import papermill as pm
     from nbconvert import HTMLExporter
 
+    from anatomask_lab.course import notebooks_dir
+
     folder.mkdir(parents=True, exist_ok=True)
-    root = Path(__file__).resolve().parents[1] / "notebooks"
+    root = notebooks_dir()  # the wheel's package data, or notebooks/ of a checkout
     params = {
         "01_masking.ipynb": {"shape": 96 if quick else 128},
         "02_loss_ranking.ipynb": {"data_dir": str(data), "run_dir": str(runs / "pretrain_anatomask"),
@@ -218,7 +220,7 @@ def _notebooks_to_html(folder: Path, data: Path, runs: Path, quick: bool) -> Non
     for name, p in params.items():
         src = root / name
         if not src.exists():
-            raise FileNotFoundError(f"notebook {src} is missing (run from a checkout of anatomask-lab)")
+            raise FileNotFoundError(f"notebook {src} is missing (a broken install? reinstall anatomask-lab)")
         executed = folder / name
         pm.execute_notebook(str(src), str(executed), parameters=p, progress_bar=False, cwd=str(root))
         html, _ = HTMLExporter().from_notebook_node(nbformat.read(executed, as_version=4))

@@ -116,6 +116,18 @@ def test_cli_course(tmp_path, capsys):
     assert not (NB_DIR / "student").exists()
 
 
+def test_cli_course_solutions_copies_the_notebooks_unchanged(tmp_path, capsys):
+    from anatomask_lab.cli import main
+
+    out = tmp_path / "teacher"
+    assert main(["course", "--out", str(out), "--solutions"]) == 0
+    assert "with solutions" in capsys.readouterr().out
+    for src in NOTEBOOKS:
+        copied = json.loads((out / src.name).read_text())
+        assert copied == json.loads(src.read_text())
+        assert any(SOLUTION_TAG in _tags(c) for c in copied["cells"])
+
+
 @pytest.mark.slow
 def test_student_edition_of_01_runs_up_to_the_first_exercise(tmp_path, monkeypatch):
     """Papermill runs the handout of notebook 01 at smoke scale; any error may only come at or after an exercise."""

@@ -62,7 +62,12 @@ def test_backends_agree_forward_and_backward_fp32(gamma, pooling):
     enc = make_encoder(pooling)
     x = torch.randn(2, 1, *SHAPE)
     mask = random_mask(2, GRID, gamma, generator=torch.Generator().manual_seed(int(gamma * 100)))
-    assert_agree(run(enc, "masked", x, mask), run(enc, "spconv", x, mask), rtol=1e-4)
+    # oneDNN's fp32 weight-gradient convolution on an AVX2-only AMD EPYC is off by up to 5e-3 of the gradient scale
+    # against fp64 for these inputs (PyTorch's own convolutions: 1e-6); this test compares the backends, not that
+    # kernel, so the dense (masked) backend runs without oneDNN
+    with torch.backends.mkldnn.flags(enabled=False):
+        masked = run(enc, "masked", x, mask)
+    assert_agree(masked, run(enc, "spconv", x, mask), rtol=1e-4)
 
 
 @pytest.mark.needs_spconv

@@ -238,8 +238,10 @@ def add_cli(subparsers) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--cases", type=int, default=32, help="number of cases (default 32)")
     p.add_argument("--seed", type=int, default=0, help="cohort seed (default 0)")
-    p.add_argument("--shape", type=int, nargs=3, default=(128, 128, 128), metavar=("X", "Y", "Z"))
-    p.add_argument("--spacing", type=float, nargs=3, default=(1.5, 1.5, 2.5), metavar=("SX", "SY", "SZ"))
+    p.add_argument("--shape", type=int, nargs=3, default=(128, 128, 128), metavar=("X", "Y", "Z"),
+                   help="volume size in voxels")
+    p.add_argument("--spacing", type=float, nargs=3, default=(1.5, 1.5, 2.5), metavar=("SX", "SY", "SZ"),
+                   help="voxel spacing in mm")
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     p.add_argument("--png", default=None, help="also write a figure of the first case to this PNG")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -113,6 +113,10 @@ class SparseEncoder(STUNetEncoder):
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if norm_pooling not in NORM_POOLINGS:
             raise ValueError(f"norm_pooling must be one of {NORM_POOLINGS}, got {norm_pooling!r}")
+        if backend == "spconv":  # fail at build time, before a run writes anything, when spconv is missing
+            from .spconv_backend import require_spconv
+
+            require_spconv()
         self.backend = backend
         self.norm_pooling = norm_pooling
         self.spconv_algo = spconv_algo

@@ -41,20 +41,40 @@ from torch.utils.checkpoint import checkpoint
 from ..masking import active_maps
 from .stunet import ResBlock
 
-__all__ = ["SparseLevel", "build_levels", "neighbour_pairs", "spconv_encoder_forward", "sparse_instance_norm"]
+__all__ = [
+    "SPCONV_INSTALL",
+    "SparseLevel",
+    "build_levels",
+    "neighbour_pairs",
+    "require_spconv",
+    "spconv_encoder_forward",
+    "sparse_instance_norm",
+]
+
+
+SPCONV_INSTALL = 'pip install "anatomask-lab[spconv]"'
 
 
 def _spconv() -> Any:
+    """``spconv.pytorch``, or a one-line ImportError that says how to install it (or why it does not import)."""
     try:
         with warnings.catch_warnings():  # spconv 2.3 uses the deprecated torch.cuda.amp.custom_fwd decorators
             warnings.simplefilter("ignore", FutureWarning)
             import spconv.pytorch as spconv
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "backend 'spconv' needs spconv (spconv-cu120 on Python <= 3.11, spconv-cu126 on 3.12+); "
-            "use backend='masked' without it"
-        ) from err
+    except ImportError as err:
+        if (err.name or "").split(".")[0] == "spconv":
+            raise ImportError(
+                f"backend 'spconv' needs the spconv package, which is not installed: {SPCONV_INSTALL} (CUDA 12 "
+                "wheels for Linux x86_64 and Windows), or use backend 'masked'"
+            ) from err
+        raise ImportError(f"backend 'spconv': spconv is installed but does not import ({err}); "
+                          "use backend 'masked'") from err
     return spconv
+
+
+def require_spconv() -> None:
+    """Raise the one-line install hint now when spconv is missing (a model built for the spconv backend)."""
+    _spconv()
 
 
 @dataclass
