@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from anatomask_lab.models.stunet import STUNet, adapt_in_channels, size_name
+from anatomask_lab.models.stunet import STUNet, fit_input_channels, size_name
 
 __all__ = [
     "AXES",
@@ -356,13 +356,13 @@ def load_stunet_weights(model: STUNet, obj: Mapping[str, Any], path: str | Path,
             continue
         want = target[key].shape
         if value.shape != want:
-            if key in _FIRST_CONVS and value.shape[0] == want[0] and value.shape[2:] == want[2:]:
-                value = adapt_in_channels(value, want[1])
-                adapted.append(key)
-            else:
+            fitted = fit_input_channels(value, want) if key in _FIRST_CONVS else None
+            if fitted is None:
                 raise ValueError(f"{path}: {source_key} has shape {tuple(value.shape)}, the kit's {key} needs "
                                  f"{tuple(want)}: the file holds {describe_stunet(state)}, the network is "
                                  f"{_model_size(model)}; choose the matching --size")
+            value = fitted
+            adapted.append(key)
         new[key] = value
     model.load_state_dict(new, strict=False)
     missing = [k for k in target if k not in new]

@@ -45,6 +45,7 @@ __all__ = [
     "STUNetEncoder",
     "STUNetSpec",
     "adapt_in_channels",
+    "fit_input_channels",
     "build_stunet",
     "encoder_keys",
     "init_he",
@@ -390,6 +391,13 @@ def adapt_in_channels(w_src: torch.Tensor, c_dst: int) -> torch.Tensor:
     return w_sum.repeat(1, c_dst, *([1] * (w_src.dim() - 2))) / c_dst
 
 
+def fit_input_channels(value: torch.Tensor, want: Sequence[int]) -> torch.Tensor | None:
+    """``value`` adapted to shape ``want`` when the two differ only in input channels (dimension 1), else None."""
+    if value.dim() == len(want) >= 2 and value.shape[0] == want[0] and tuple(value.shape[2:]) == tuple(want[2:]):
+        return adapt_in_channels(value, want[1])
+    return None
+
+
 def load_encoder_weights(stunet: STUNet, state_dict: Mapping[str, torch.Tensor]) -> EncoderLoadReport:
     """Load pretrained encoder weights into an STUNet by key.
 
@@ -420,11 +428,11 @@ def load_encoder_weights(stunet: STUNet, state_dict: Mapping[str, torch.Tensor])
             continue
         want = target[key].shape
         if value.shape != want:
-            if key in first_convs and value.shape[0] == want[0] and value.shape[2:] == want[2:]:
-                value = adapt_in_channels(value, want[1])
-                adapted.append(key)
-            else:
+            fitted = fit_input_channels(value, want) if key in first_convs else None
+            if fitted is None:
                 raise ValueError(f"encoder weight {key}: source shape {tuple(value.shape)} != target {tuple(want)}")
+            value = fitted
+            adapted.append(key)
         new_state[key] = value
         loaded.append(key)
     stunet.encoder.load_state_dict(new_state, strict=False)
