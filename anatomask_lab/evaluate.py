@@ -1,6 +1,7 @@
-"""Evaluate folders of NIfTI label maps: ``anatomask-lab evaluate --pred DIR --gt DIR``.
+"""Evaluate folders of label maps: ``anatomask-lab evaluate --pred DIR --gt DIR``.
 
-Both folders hold one label map per case with the same file name (``<case>.nii.gz`` or ``<case>.nii``). For each
+Both folders hold one label map per case with the same file name (``<case>.nii.gz`` or ``<case>.nii``; with the
+``sitk`` extra also ``.mha``, ``.mhd``, ``.nrrd``, ``.nhdr``, as ``predict --images`` writes them). For each
 case the prediction and ground truth must agree in shape, voxel spacing (zooms, within 1e-3 mm) and affine (within
 1e-3); every non-zero label must be in the class table. Scores come from :func:`anatomask_lab.metrics.evaluate_case`;
 outputs (``per_case.csv``, ``per_class.csv``, ``summary.md``, ``summary.json``) from
@@ -24,10 +25,11 @@ from typing import Any
 import numpy as np
 
 from anatomask_lab import metrics, report
+from anatomask_lab.data.io import IMAGE_ENDINGS
 
 __all__ = ["add_cli", "evaluate_folders", "find_cases", "load_class_table", "read_label_map"]
 
-_SUFFIXES = (".nii.gz", ".nii")
+_SUFFIXES = IMAGE_ENDINGS  # NIfTI first, then the ITK formats (read through SimpleITK)
 MAX_LABEL = 10_000  # without a class table, larger labels are refused before anything is counted per label
 
 
@@ -45,17 +47,17 @@ def _list_cases(folder: Path) -> dict[str, Path]:
 
 
 def find_cases(pred_dir: str | Path, gt_dir: str | Path) -> list[tuple[str, Path, Path]]:
-    """Pair the NIfTI files of two folders by name.
+    """Pair the label-map files of two folders by name (the file name less its ending).
 
     Returns:
         ``(case, pred_path, gt_path)`` sorted by case.
 
     Raises:
-        ValueError: when a case lacks its prediction or its ground truth, or the folders hold no NIfTI files.
+        ValueError: when a case lacks its prediction or its ground truth, or the folders hold no label maps.
     """
     pred, gt = _list_cases(Path(pred_dir)), _list_cases(Path(gt_dir))
     if not gt:
-        raise ValueError(f"no NIfTI files (*.nii.gz, *.nii) in the ground-truth folder {gt_dir}")
+        raise ValueError(f"no label maps ({', '.join('*' + s for s in _SUFFIXES)}) in the ground-truth folder {gt_dir}")
     problems = []
     for missing, present, where in ((sorted(set(gt) - set(pred)), gt, pred_dir),
                                     (sorted(set(pred) - set(gt)), pred, gt_dir)):
@@ -68,26 +70,37 @@ def find_cases(pred_dir: str | Path, gt_dir: str | Path) -> list[tuple[str, Path
 
 
 def read_label_map(path: str | Path) -> tuple[np.ndarray, tuple[float, ...], np.ndarray]:
-    """Load a NIfTI label map.
+    """Load a label map (NIfTI with nibabel; MetaImage / NRRD through SimpleITK, in ITK index order).
 
     Returns:
         ``(labels [X, Y, Z] integer array, spacing in mm per array axis, affine [4, 4])``.
 
     Raises:
-        ValueError: not a readable NIfTI file (truncated, another format), non-integer or negative values or a
+        ValueError: not a readable image file (truncated, another format), non-integer or negative values or a
             non-3-D image, naming the file.
     """
     import nibabel
 
+    from anatomask_lab.data.io import SITK_ENDINGS, image_ending, load_image
+
+    if image_ending(path) in SITK_ENDINGS:
+        data, affine, _ = load_image(path, canonical=False, dtype=None, check_finite=False)
+        zooms = tuple(float(z) for z in np.linalg.norm(affine[:3, :3], axis=0))
+        return _integer_labels(path, data), zooms, affine
     try:
         image = nibabel.load(str(path))
         data = np.asanyarray(image.dataobj)
     except Exception as exc:  # nibabel and gzip raise many types for junk or truncated files
-        raise ValueError(f"{path}: not a readable NIfTI label map ({type(exc).__name__}: {exc})") from exc
+        raise ValueError(f"{path}: not a readable label map ({type(exc).__name__}: {exc})") from exc
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
         raise ValueError(f"{path}: expected a 3-D label map, got shape {data.shape}")
+    return _integer_labels(path, data), tuple(float(z) for z in image.header.get_zooms()[:3]), np.asarray(image.affine)
+
+
+def _integer_labels(path: str | Path, data: np.ndarray) -> np.ndarray:
+    """``data`` as non-negative integer labels, or a ValueError naming ``path``."""
     if not np.issubdtype(data.dtype, np.integer):
         rounded = np.rint(data)
         if not np.array_equal(rounded, data):
@@ -95,7 +108,7 @@ def read_label_map(path: str | Path) -> tuple[np.ndarray, tuple[float, ...], np.
         data = rounded.astype(np.int32)
     if data.size and data.min() < 0:
         raise ValueError(f"{path}: label map holds negative labels (min {data.min()})")
-    return data, tuple(float(z) for z in image.header.get_zooms()[:3]), np.asarray(image.affine)
+    return data
 
 
 def _check_label_range(name: str, data: np.ndarray, classes: Mapping[int, str] | None) -> None:
@@ -172,7 +185,7 @@ def evaluate_folders(
     convention: str | None = None,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """Score every case of two folders of NIfTI label maps.
+    """Score every case of two folders of label maps.
 
     Args:
         pred_dir: Folder of predicted label maps.
@@ -249,11 +262,12 @@ def _tolerance_arg(text: str) -> str | float:
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
     """Register ``evaluate`` (see the module docstring)."""
     parser = subparsers.add_parser(
-        "evaluate", help="DSC / NSD of predicted NIfTI label maps against ground truth",
+        "evaluate", help="DSC / NSD of predicted label maps against ground truth",
         description="Per-case and per-class DSC and NSD of predicted label maps, with the paper-style "
         "patient-wise mean ± SD table (markdown and JSON).",
     )
-    parser.add_argument("--pred", required=True, type=Path, help="folder of predicted label maps (*.nii.gz)")
+    parser.add_argument("--pred", required=True, type=Path,
+                        help="folder of predicted label maps (<case>.nii.gz, .nii, or .mha/.nrrd with the sitk extra)")
     parser.add_argument("--gt", required=True, type=Path, help="folder of ground-truth label maps, same names")
     parser.add_argument("--labels", type=Path,
                         help="prepared dataset folder, JSON class table or dataset.json (default: labels found)")

@@ -251,3 +251,32 @@ def test_compare_runs(cohort, tmp_path):
 def test_compare_runs_rejects_tables_without_scores(tmp_path):
     with pytest.raises(ValueError, match=r"lacks the columns \['nsd'\]"):
         report.compare_runs({"a": [{"case": "x", "class": "liver", "dsc": 0.5}]}, tmp_path)
+
+
+def test_mha_label_maps_score_as_their_nifti_copies(cohort, tmp_path):
+    """``predict --images`` writes ITK files for ITK inputs: evaluate reads them (through SimpleITK) with the same
+    voxels, spacing and scores as NIfTI copies of the same maps."""
+    sitk = pytest.importorskip("SimpleITK")
+    pred_dir, gt_dir, cases = cohort
+    mha = {"pred": tmp_path / "pred_mha", "gt": tmp_path / "gt_mha"}
+    for folder in mha.values():
+        folder.mkdir()
+    for case, (pred, gt) in cases.items():
+        for key, labels in (("pred", pred), ("gt", gt)):
+            image = sitk.GetImageFromArray(np.ascontiguousarray(labels.transpose(2, 1, 0)))  # ITK wants [k, j, i]
+            image.SetSpacing(SPACING)
+            sitk.WriteImage(image, str(mha[key] / f"{case}.mha"))
+    data, zooms, _ = evaluate.read_label_map(mha["gt"] / "case_0.mha")
+    np.testing.assert_array_equal(data, cases["case_0"][1])
+    assert zooms == pytest.approx(SPACING)
+    nifti, itk = tmp_path / "eval_nii", tmp_path / "eval_mha"
+    assert run_cli(["evaluate", "--pred", str(pred_dir), "--gt", str(gt_dir), "--tolerances", "2.5",
+                    "--out", str(nifti)]) == 0
+    assert run_cli(["evaluate", "--pred", str(mha["pred"]), "--gt", str(mha["gt"]), "--tolerances", "2.5",
+                    "--out", str(itk)]) == 0
+    rows_nii, rows_mha = read_csv(nifti / "per_case.csv"), read_csv(itk / "per_case.csv")
+    assert len(rows_mha) == len(rows_nii) == 9
+    for a, b in zip(rows_nii, rows_mha, strict=True):
+        assert (a["case"], a["label"]) == (b["case"], b["label"])
+        for metric in ("dsc", "nsd"):
+            assert float(a[metric]) == pytest.approx(float(b[metric]), nan_ok=True)
