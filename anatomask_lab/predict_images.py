@@ -37,7 +37,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from anatomask_lab.data.dataset import check_case_id
 from anatomask_lab.data.io import (
@@ -51,6 +50,7 @@ from anatomask_lab.data.io import (
 from anatomask_lab.data.recipe import Recipe, read_run_recipe
 from anatomask_lab.finetune import load_segmenter
 from anatomask_lab.inference import sliding_window_predict
+from anatomask_lab.progress import progress
 from anatomask_lab.runs import CHECKPOINT_DIR
 from anatomask_lab.runtime import autocast_dtype, resolve_device
 
@@ -296,6 +296,6 @@ def predict_images(model_run: str | Path, images_dir: str | Path, out_dir: str |
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
-    for case in tqdm(todo, desc="predict images", disable=quiet, unit="case"):
+    for case in progress(todo, desc="predict images", disable=quiet, unit="case"):
         written += predict_case(model, case, out, settings)
     return written

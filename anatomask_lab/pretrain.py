@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -256,8 +256,8 @@ def run(cfg: PretrainConfig | None = None, *, resume: bool | str = False, overwr
             cfg = resumed_config(state, out, PretrainConfig, cfg, main=rank == 0)
             if state["epoch"] >= cfg.epochs:
                 return out
-        elif cfg is None:
-            cfg = pretrain_config(**overrides)
+        else:
+            cfg = with_data_channels(cfg if cfg is not None else pretrain_config(**overrides))
         check_backend(cfg.log)
 
         device = resolve_device(cfg.device, local_rank)
@@ -271,6 +271,20 @@ def run(cfg: PretrainConfig | None = None, *, resume: bool | str = False, overwr
         finally:
             if world > 1 and dist.is_initialized():
                 dist.destroy_process_group()
+
+
+def with_data_channels(cfg: PretrainConfig) -> PretrainConfig:
+    """``cfg`` with the dataset's channel count: the default (1) follows the dataset, another value must equal it.
+
+    Raises:
+        ValueError: ``model.in_channels`` was set to a count the dataset does not have.
+    """
+    from anatomask_lab.data.dataset import DatasetInfo
+
+    have = DatasetInfo.read(cfg.data_dir).in_channels
+    if have != cfg.model.in_channels and cfg.model.in_channels != 1:
+        raise ValueError(f"--in-channels {cfg.model.in_channels}, but {cfg.data_dir} has {have} channels")
+    return cfg if have == cfg.model.in_channels else replace(cfg, model=replace(cfg.model, in_channels=have))
 
 
 @dataclass

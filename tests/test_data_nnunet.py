@@ -371,3 +371,22 @@ def test_fold_without_splits_and_a_missing_dataset_json(raw, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert _prepare(tmp_path / "empty", tmp_path / "out") == 2
     assert "empty/dataset.json: not found" in capsys.readouterr().err
+
+
+def test_pretraining_takes_the_data_sets_channels(prepared, tmp_path, capsys):
+    """A 2-channel set pretrains without --in-channels (the default follows the data); a contradicting count is
+    refused in one line before anything of a run is written, so the corrected command needs no --overwrite."""
+    from anatomask_lab.runs import load_checkpoint
+
+    base = ["pretrain", "--preset", "tiny", "--data", str(prepared), "--epochs", "1", "--iters-per-epoch", "1",
+            "--quiet"]
+    assert main([*base, "--out", str(tmp_path / "pre")]) == 0
+    state = load_checkpoint(tmp_path / "pre" / "checkpoints" / "last.pt")
+    assert state["config"]["model"]["in_channels"] == 2
+    assert state["student"]["encoder.stages.0.0.conv1.weight"].shape[1] == 2
+    capsys.readouterr()
+    assert main([*base, "--in-channels", "3", "--out", str(tmp_path / "bad")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--in-channels 3" in err and "has 2 channels" in err
+    assert not (tmp_path / "bad" / "config.json").exists()
+    assert main([*base, "--in-channels", "2", "--out", str(tmp_path / "bad")]) == 0

@@ -169,14 +169,14 @@ def generate_cohort(out_dir, n_cases: int, seed: int = 0, shape=(128, 128, 128),
     Returns:
         The case folders, in order.
     """
-    from tqdm.auto import tqdm
+    from anatomask_lab.progress import progress as progress_bar
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ids = [f"s{i:04d}" for i in range(n_cases)]
     jobs = [(str(out), cid, _case_seed(seed, i), tuple(shape), tuple(spacing)) for i, cid in enumerate(ids)]
     workers = min(os.cpu_count() or 1, n_cases) if workers is None else workers
-    bar = tqdm(total=n_cases, desc="phantom", unit="case", disable=not progress)
+    bar = progress_bar(total=n_cases, desc="phantom", unit="case", disable=not progress)
     paths = []
     if workers <= 1 or n_cases <= 1:
         for job in jobs:

@@ -107,11 +107,11 @@ def write_reference_labels(data_dir, out_dir, *, split: str = "test", quiet: boo
         DataError: ``dataset.json`` is missing or malformed, an unknown split, an images-only dataset, an
             unlabelled case, or unusable source files.
     """
-    from tqdm.auto import tqdm
+    from anatomask_lab.progress import progress
 
     info = DatasetInfo.read(data_dir)
     table = reference_table(info)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     return [write_reference_label(data_dir, case, table, out / f"{case}.nii.gz")
-            for case in tqdm(info.split(split), desc=f"reference {split}", disable=quiet, unit="case")]
+            for case in progress(info.split(split), desc=f"reference {split}", disable=quiet, unit="case")]
