@@ -243,12 +243,12 @@ def test_spconv_backend_without_spconv_says_how_to_install(no_spconv):
     assert "\n" not in str(info.value) and "masked" in str(info.value)
 
 
-def test_cli_spconv_backend_without_spconv_is_one_line_and_writes_nothing(no_spconv, tmp_path, capsys):
+def test_cli_spconv_backend_without_spconv_is_one_line_and_writes_nothing(no_spconv, tiny_dataset, tmp_path, capsys):
     from anatomask_lab.cli import main
     from anatomask_lab.runs import LOCK_FILE
 
     out = tmp_path / "run"
-    rc = main(["pretrain", "--preset", "tiny", "--backend", "spconv", "--data", str(tmp_path / "data"),
+    rc = main(["pretrain", "--preset", "tiny", "--backend", "spconv", "--data", str(tiny_dataset),
                "--out", str(out), "--device", "cpu"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and 'pip install "anatomask-lab[spconv]"' in err
