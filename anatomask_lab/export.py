@@ -40,13 +40,16 @@ def _pretrain_state(ckpt: str | Path) -> tuple[dict[str, Any], dict[str, Any], P
     return encoder_from_state(state, path), state["config"], path
 
 
-def _check_out(ckpt: str | Path, out: str | Path) -> None:
-    """Refuse an output that would replace the checkpoint (or run folder) being read, or that is a folder."""
+def _check_out(ckpt: str | Path, out: str | Path, overwrite: bool = False) -> None:
+    """Refuse an output that would replace the checkpoint (or run folder) being read, that is a folder, or that
+    exists (unless ``overwrite``)."""
     target = Path(out).resolve()
     if target in (Path(ckpt).resolve(), checkpoint_path(ckpt).resolve()):
         raise ValueError(f"--out {out} is the checkpoint it reads (--ckpt {ckpt}); write the export to another file")
     if target.is_dir():
         raise ValueError(f"--out {out}: an existing folder; give the file to write (.pt, or .pth for STU-Net)")
+    if target.exists() and not overwrite:
+        raise ValueError(f"--out {out} exists; pass --overwrite to replace it, or write to another file")
 
 
 def _check_axes(naming: str, axes: str | None) -> str:
@@ -71,7 +74,7 @@ def _check_finite(weights: dict[str, Any], path: Path) -> None:
 
 
 def export_encoder(ckpt: str | Path, out: str | Path, naming: str = "anatomask", num_classes: int = 105,
-                   seed: int = 0, axes: str | None = None) -> dict[str, Any]:
+                   seed: int = 0, axes: str | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Write the student's encoder of a pretraining checkpoint (or run folder) to ``out``.
 
     Args:
@@ -82,13 +85,14 @@ def export_encoder(ckpt: str | Path, out: str | Path, naming: str = "anatomask",
         seed: seeds the fresh initialisation of what is not pretrained.
         axes: STU-Net naming only: ``"stunet"`` (default; kernels in nnU-Net's file order z, y, x) or ``"kit"``
             (x, y, z).
+        overwrite: replace an existing ``out`` (otherwise refused).
 
     Returns:
         A report: ``loaded`` / ``missing`` / ``unexpected`` keys when the encoder is loaded into
         ``build_stunet(size, in_channels)``, the file written and the axis order of its kernels.
     """
     axes = _check_axes(naming, axes)
-    _check_out(ckpt, out)
+    _check_out(ckpt, out, overwrite)
     encoder, cfg, path = _pretrain_state(ckpt)
     size, in_channels = cfg["model"]["size"], cfg["model"]["in_channels"]
     import torch
@@ -123,11 +127,13 @@ def add_cli(subparsers) -> None:
                         "(z, y, x), the default, right for nnU-Net/STU-Net users whose files are stored in RAS "
                         "orientation; kit = the kit's (x, y, z). Flips are not converted (docs/weights.md)")
     p.add_argument("--num-classes", type=int, default=105, help="segmentation classes of the STU-Net export")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file (default: refuse)")
     p.set_defaults(func=_cli)
 
 
 def _cli(args) -> int:
-    report = export_encoder(args.ckpt, args.out, args.naming, args.num_classes, axes=args.axes)
+    report = export_encoder(args.ckpt, args.out, args.naming, args.num_classes, axes=args.axes,
+                            overwrite=args.overwrite)
     order = f"; kernels in {AXES[report['axes']]} order" if args.naming == "stunet" else ""
     print(f"wrote {report['file']}: STU-Net-{report['size']} encoder, {len(report['loaded'])} tensors loaded, "
           f"{len(report['missing'])} left at initialisation (6th stage), {len(report['unexpected'])} unexpected"

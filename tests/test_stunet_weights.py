@@ -372,3 +372,16 @@ def test_finetune_cli_from_stunet_checkpoint(tiny_dataset, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "small.model" in err and "STU-Net-S" in err
     assert not (tmp_path / "ft2" / "config.json").exists()
+
+
+def test_export_never_replaces_a_file_unless_asked(tmp_path, capsys):
+    ckpt = _pretraining_checkpoint(tmp_path / "pre.pt")
+    out = tmp_path / "enc.pth"
+    out.write_bytes(b"someone else's weights")
+    args = ["export", "--ckpt", str(ckpt), "--out", str(out), "--naming", "stunet", "--num-classes", "3"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "exists" in err and "--overwrite" in err
+    assert out.read_bytes() == b"someone else's weights"
+    assert main([*args, "--overwrite"]) == 0
+    assert "network_weights" in torch.load(out, weights_only=True)
